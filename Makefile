@@ -1,0 +1,65 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the whole suite).
+# Both set everything up from nothing: .venv, torch 2.13.0 (CPU build, from this disk), the
+# Python packages, and the C++ extension, rebuilt only when its sources change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+CSRC := $(shell find csrc -type f) setup.py
+TORCH_INCLUDES = $$($(PY) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')
+NVCC ?= nvcc
+REE_CUDA_ARCHS ?= 80;90
+
+.PHONY: install test bench demo cuda-check cmake-build gpu-check clean
+
+install: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/run.py --suite cpu
+
+demo: install
+	$(PY) benchmarks/run.py --suite demo
+
+# Every .cu compiles to an object with nvcc (the kernels are torch-free), and every CUDA glue
+# .cpp passes a syntax check against torch's headers (it uses only device-generic ATen).
+cuda-check: install
+	@set -e; mkdir -p build/cuda-check; \
+	archs=$$(echo "$(REE_CUDA_ARCHS)" | tr ';,' '  '); \
+	gencode=$$(for a in $$archs; do printf -- '-gencode=arch=compute_%s,code=sm_%s ' $$a $$a; done); \
+	for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f"; \
+	  $(NVCC) -std=c++17 -O3 $$gencode -Icsrc/include $(TORCH_INCLUDES) -c $$f -o build/cuda-check/$$(basename $$f).o; \
+	done; \
+	for f in csrc/cuda/*.cpp; do \
+	  echo "g++ -fsyntax-only $$f"; \
+	  g++ -std=c++17 -fsyntax-only -DREE_WITH_CUDA -Icsrc/include -I$$(dirname $$(dirname $$(command -v $(NVCC))))/include \
+	    $(TORCH_INCLUDES) $$($(PY) -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') $$f; \
+	done; \
+	echo "cuda-check: all CUDA sources compile"
+
+cmake-build: install
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
+	  -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cmake -j2
+	$(PY) -c 'import torch; torch.ops.load_library("build/cmake/libree_kernels.so"); print("cmake-build: loaded", torch.ops.ree.aux_forward)'
+
+clean:
+	rm -rf build $(VENV) ree_kernels/_C*.so *.egg-info

@@ -1,0 +1,23 @@
+"""Fused kernels for recognizability-aware face recognition training (REE, CVPR 2023).
+
+Public ops (SPEC §2): `arcface_head`, `ree_aux_loss`, `recognizability_index`, `pam_target`,
+`UITracker`, and their outputs `HeadOutput`, `AuxOutput`. Each op takes
+`backend="auto" | "reference" | "cpu" | "cuda" | "triton"`.
+"""
+from .aux import ree_aux_loss
+from .backends import BACKENDS
+from .head import arcface_head
+from .reference import AuxOutput, HeadOutput, pam_target, recognizability_index
+from .tracker import UITracker
+
+__all__ = [
+    "BACKENDS",
+    "AuxOutput",
+    "HeadOutput",
+    "UITracker",
+    "arcface_head",
+    "pam_target",
+    "recognizability_index",
+    "ree_aux_loss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""`arcface_head`: the ArcFace loss with the REE statistics, on any backend (SPEC §2–§4).
+
+Every kernel backend implements three ops with one contract (schemas in csrc/ops.cpp; the
+Triton ones mirror them with a `triton_` prefix):
+
+- `head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+  chunk_size, grad_filter_eps) -> (loss_rows, cos_pos, cos_neg, neg_index, lse)`: the
+  per-row pass of `reference.arcface_rows`, without a B × C tensor.
+- `head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
+  chunk_size, grad_filter_eps) -> (grad_embeddings, grad_prototypes)`: the gradients of
+  Σ row_grad_i·loss_i, recomputing the cosines. A label outside [0, C) has no target term.
+- `head_forward_with_grad(embeddings, prototypes, labels, row_coef, <options>) -> (loss,
+  loss_rows, cos_pos, cos_neg, neg_index, lse, grad_embeddings, grad_prototypes)`: the
+  forward that also returns the gradients of loss = Σ row_coef_i·loss_i, for backends where
+  that beats recomputing (`GRAD_IN_FORWARD`); the backward then only scales them.
+
+This module registers their fake kernels and autograd formulas, and composes them with the
+reduction, the UI cosine and the RI, which every backend shares with the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
+from .reference import HeadOutput, HeadRows, stat_dtype
+from .validation import validate_head_inputs
+
+GRAD_IN_FORWARD = frozenset({"cpu"})
+"""Backends whose `head_forward_with_grad` is faster than forward + recomputing backward."""
+
+
+def _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+                       chunk_size, grad_filter_eps):
+    batch = embeddings.shape[0]
+    row = embeddings.new_empty(batch, dtype=stat_dtype(embeddings.dtype))
+    return row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone()
+
+
+def _head_forward_with_grad_fake(embeddings, prototypes, labels, row_coef, scale, margin, margin_mode,
+                                 ignore_index, chunk_size, grad_filter_eps):
+    rows = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+                              chunk_size, grad_filter_eps)
+    loss = rows[0].new_empty(())
+    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes))
+
+
+def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
+                        chunk_size, grad_filter_eps):
+    return torch.empty_like(embeddings), torch.empty_like(prototypes)
+
+
+def register_head_ops(prefix: str) -> None:
+    """Registers the fake kernels and the autograd of `ree::{prefix}head_*`."""
+    backward_op = getattr(torch.ops.ree, f"{prefix}head_backward")
+
+    def setup_forward(ctx, inputs, output):
+        embeddings, prototypes, labels, scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs
+        ctx.save_for_backward(embeddings, prototypes, labels, output[4])
+        ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
+
+    def backward_forward(ctx, grad_loss_rows, *_):
+        embeddings, prototypes, labels, lse = ctx.saved_tensors
+        grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
+                                     grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
+        return grad_e, grad_w, None, None, None, None, None, None, None
+
+    def setup_with_grad(ctx, inputs, output):
+        ctx.save_for_backward(output[6], output[7])
+
+    def backward_with_grad(ctx, grad_loss, *_):
+        grad_e, grad_w = ctx.saved_tensors
+        return (grad_e * grad_loss.to(grad_e.dtype), grad_w * grad_loss.to(grad_w.dtype),
+                None, None, None, None, None, None, None, None)
+
+    torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
+    torch.library.register_fake(f"ree::{prefix}head_forward_with_grad")(_head_forward_with_grad_fake)
+    torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
+    torch.library.register_autograd(f"ree::{prefix}head_forward", backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(f"ree::{prefix}head_forward_with_grad", backward_with_grad,
+                                    setup_context=setup_with_grad)
+
+
+if EXTENSION_ERROR is None:
+    register_head_ops("")
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def arcface_head(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    ui_center: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.5,
+    margin_mode: str = "arcface",
+    ri_form: str = "product",
+    sample_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    chunk_size: int = 0,
+    grad_filter_eps: float = 0.0,
+) -> HeadOutput:
+    """ArcFace loss over normalised prototypes, with the REE per-row statistics (SPEC §2).
+
+    Args:
+        embeddings: [B, D] backbone embeddings, not normalised.
+        prototypes: [C, D] class prototypes (the ArcFace weight), not normalised.
+        labels: [B] int64 class ids, or `ignore_index`.
+        ui_center: [D] centre of the unrecognizable instances (UITracker.center), or None.
+        scale, margin, margin_mode: the ArcFace logit s·φ(cos) (SPEC §3).
+        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (SPEC §1.4).
+        sample_weight: [B] row weights (no gradient), or None for 1.
+        reduction: "mean" (weighted, over rows not ignored) | "sum" | "none" ([B], weighted).
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+        chunk_size: the kernels' tiling override (0: chosen from the sizes); see docs/design.md.
+        grad_filter_eps: Triton only: skip backward tiles whose |softmax − one-hot| < eps
+            everywhere (0, the default, is exact).
+
+    Returns:
+        HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse); only `loss` is
+        differentiable (with respect to embeddings and prototypes).
+    """
+    validate_head_inputs(
+        embeddings, prototypes, labels, ui_center, sample_weight,
+        scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0 (0: automatic), got {chunk_size!r}")
+    if not isinstance(grad_filter_eps, (int, float)) or not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+    chosen = resolve_backend(backend, "head", embeddings.device, embeddings.dtype)
+    if grad_filter_eps and chosen != "triton":
+        raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")
+    if chosen == "reference":
+        return reference.arcface_head(
+            embeddings, prototypes, labels, ui_center,
+            scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
+            sample_weight=sample_weight, ignore_index=ignore_index, reduction=reduction,
+        )
+
+    embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
+    labels_c = labels.contiguous()
+    options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps))
+    coef = reference.loss_coefficients(
+        labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
+    if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
+        loss, *rows = kernel_op(chosen, "head_forward_with_grad")(
+            embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
+        rows = HeadRows(*rows[:5])
+    else:
+        rows = HeadRows(*kernel_op(chosen, "head_forward")(embeddings_c, prototypes_c, labels_c, *options))
+        loss = reference.reduce_rows(rows.loss, coef, reduction)
+    return reference.head_output(loss, rows, embeddings, ui_center, ri_form)

@@ -1,0 +1,296 @@
+"""The REE ops in eager PyTorch: the specification in code (SPEC §1–§3).
+
+Every other backend is tested against this module, and the benchmarks use it as the
+"eager" baseline: it is written the way a user would write it without fused kernels, and it
+materialises the B × C cosine matrix. The functions marked [R] are reconstructions of the
+paper's prose (its equations were not available as text); each lives in one small function
+here so that a user holding the paper can change it in one place. The kernels implement the
+same formulas; the tests hold them to this file.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12
+"""Norms are clamped to at least this before dividing (F.normalize's epsilon)."""
+
+SIN_EPS = 1e-12
+"""sin θ = sqrt(max(1 − cos², SIN_EPS)): keeps dφ/dcos finite at cos = ±1 (the peaky rows)."""
+
+RATIO_EPS = 1e-6
+"""The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
+
+MARGIN_MODES = ("arcface", "arcface_easy", "arcface_st", "cosface")
+RI_FORMS = ("product", "ratio", "sum")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class HeadOutput(NamedTuple):
+    """What `arcface_head` returns. Only `loss` is differentiable."""
+
+    loss: torch.Tensor
+    cos_pos: torch.Tensor
+    cos_neg: torch.Tensor
+    neg_index: torch.Tensor
+    cos_ui: torch.Tensor
+    ri: torch.Tensor
+    lse: torch.Tensor
+
+
+class AuxOutput(NamedTuple):
+    """What `ree_aux_loss` returns: the weighted total and its three components."""
+
+    total: torch.Tensor
+    l1: torch.Tensor
+    id: torch.Tensor
+    mse: torch.Tensor
+
+
+class HeadRows(NamedTuple):
+    """The per-row results of one pass over the prototypes: what every head kernel computes.
+
+    `loss` is the unweighted per-row ArcFace loss (0 on ignored rows) and is differentiable;
+    the rest are statistics. `lse` is the log-sum-exp of the row's logits, with the margin at
+    the label column, or without any margin on a row that has no label (ignored rows)."""
+
+    loss: torch.Tensor
+    cos_pos: torch.Tensor
+    cos_neg: torch.Tensor
+    neg_index: torch.Tensor
+    lse: torch.Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and losses are float32, or float64 when the inputs are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=NORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# ArcFace (SPEC §3)
+# --------------------------------------------------------------------------------------------
+
+def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
+    """φ(cos θ): the target-class cosine after the additive margin (SPEC §3)."""
+    if mode == "cosface":
+        return cos - margin
+    sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN_EPS))
+    shifted = cos * math.cos(margin) - sin * math.sin(margin)  # cos(θ + m)
+    if mode == "arcface":
+        # Past θ + m > π, cos(θ + m) would rise again; insightface's linear fallback keeps φ monotone.
+        return torch.where(cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin))
+    if mode == "arcface_easy":
+        return torch.where(cos > 0, shifted, cos)
+    if mode == "arcface_st":
+        # Straight-through: the forward of cos(θ + m), the gradient of the identity.
+        return cos + (shifted - cos).detach()
+    raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {mode!r}")
+
+
+def arcface_rows(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.5,
+    margin_mode: str = "arcface",
+    ignore_index: int = -100,
+) -> HeadRows:
+    """The per-row ArcFace pass, materialising the B × C cosines.
+
+    A label outside [0, C) other than `ignore_index` poisons its row's loss with NaN, which is
+    what the kernels do where validation cannot run (inside torch.compile)."""
+    sdt = stat_dtype(embeddings.dtype)
+    num_classes = prototypes.shape[0]
+    cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
+    ignored = labels == ignore_index
+    has_target = (labels >= 0) & (labels < num_classes) & ~ignored
+    target = F.one_hot(torch.where(has_target, labels, 0), num_classes).bool() & has_target[:, None]
+
+    cos_label = cos.masked_fill(~target, 0.0).sum(1)
+    phi = margin_logit(cos_label, margin_mode, margin)
+    logits = scale * torch.where(target, phi[:, None], cos)
+    lse = torch.logsumexp(logits, dim=1)
+    loss = torch.where(has_target, lse - scale * phi, torch.where(ignored, 0.0, math.nan))
+
+    negatives = cos.masked_fill(target, -math.inf)
+    cos_neg, neg_index = negatives.max(dim=1)  # ties: the first (lowest) index
+    no_negative = cos_neg == -math.inf  # C = 1 and the only class is the label
+    cos_neg = torch.where(no_negative, -1.0, cos_neg)
+    neg_index = torch.where(no_negative, -1, neg_index)
+    cos_pos = torch.where(has_target, cos_label, math.nan).detach()
+    return HeadRows(loss, cos_pos, cos_neg.detach(), neg_index, lse.detach())
+
+
+def loss_coefficients(
+    labels: torch.Tensor,
+    sample_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """c_i such that the reduced loss is Σ c_i·loss_i ("mean", "sum") or c_i·loss_i ("none").
+
+    Ignored rows get 0; "mean" divides by the weight of the rows that count, and is 0 (with
+    zero gradients) when that weight is 0."""
+    counts = labels != ignore_index
+    if sample_weight is None:
+        coef = counts.to(dtype)
+    else:
+        coef = torch.where(counts, sample_weight.to(dtype), 0.0)
+    if reduction == "mean":
+        total = coef.sum()
+        nonzero = total != 0
+        coef = torch.where(nonzero, coef / torch.where(nonzero, total, 1.0), 0.0)
+    return coef
+
+
+def reduce_rows(loss_rows: torch.Tensor, coef: torch.Tensor, reduction: str) -> torch.Tensor:
+    weighted = coef * loss_rows
+    return weighted if reduction == "none" else weighted.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# REE statistics (SPEC §1)
+# --------------------------------------------------------------------------------------------
+
+def cosine_to_ui(embeddings: torch.Tensor, ui_center: Optional[torch.Tensor]) -> torch.Tensor:
+    """cos between each embedding and the UI centre (SPEC §1.3); NaN without a centre."""
+    sdt = stat_dtype(embeddings.dtype)
+    if ui_center is None:
+        return torch.full(embeddings.shape[:1], math.nan, dtype=sdt, device=embeddings.device)
+    cos = normalize(embeddings.to(sdt)) @ normalize(ui_center.to(sdt))
+    return cos.clamp(-1.0, 1.0)
+
+
+def recognizability_index(
+    cos_pos: torch.Tensor,
+    cos_neg: torch.Tensor,
+    cos_ui: Optional[torch.Tensor] = None,
+    form: str = "product",
+) -> torch.Tensor:
+    """[R] The recognizability index ξ from the three distances of SPEC §1.1–§1.3.
+
+    Reconstructed: the paper describes ξ as rising with the distance to the UI centre (d^UI)
+    and to the nearest negative prototype (d^N), and falling with the distance to the own
+    prototype (d^P), but its equation was not available. `product` (default) is
+    d^UI·(d^N − d^P): the prototype margin, amplified for faces far from the UI cluster;
+    `ratio` is d^UI·d^N / max(d^P, 1e-6); `sum` is d^UI + d^N − d^P. Without a UI centre
+    (`cos_ui` None) d^UI = 1. The result is a target: no gradient flows through it."""
+    d_pos = 1.0 - cos_pos.detach()
+    d_neg = 1.0 - cos_neg.detach()
+    d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui.detach()
+    if form == "product":
+        return d_ui * (d_neg - d_pos)
+    if form == "ratio":
+        return d_ui * d_neg / d_pos.clamp_min(RATIO_EPS)
+    if form == "sum":
+        return d_ui + d_neg - d_pos
+    raise ValueError(f"ri_form must be one of {RI_FORMS}, got {form!r}")
+
+
+def head_output(
+    loss: torch.Tensor,
+    rows: HeadRows,
+    embeddings: torch.Tensor,
+    ui_center: Optional[torch.Tensor],
+    ri_form: str,
+) -> HeadOutput:
+    """Completes a head pass (any backend) with the UI cosine and the RI."""
+    cos_ui = cosine_to_ui(embeddings.detach(), ui_center)
+    ri = recognizability_index(rows.cos_pos, rows.cos_neg, None if ui_center is None else cos_ui, ri_form)
+    return HeadOutput(loss, rows.cos_pos, rows.cos_neg, rows.neg_index, cos_ui, ri, rows.lse)
+
+
+def arcface_head(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    ui_center: Optional[torch.Tensor] = None,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.5,
+    margin_mode: str = "arcface",
+    ri_form: str = "product",
+    sample_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> HeadOutput:
+    """The ArcFace head with the REE statistics (SPEC §2), eagerly. No input validation:
+    `ree_kernels.arcface_head` validates and then calls this or a kernel."""
+    rows = arcface_rows(
+        embeddings, prototypes, labels,
+        scale=scale, margin=margin, margin_mode=margin_mode, ignore_index=ignore_index,
+    )
+    coef = loss_coefficients(labels, sample_weight, ignore_index, reduction, rows.loss.dtype)
+    return head_output(reduce_rows(rows.loss, coef, reduction), rows, embeddings, ui_center, ri_form)
+
+
+# --------------------------------------------------------------------------------------------
+# Auxiliary losses (SPEC §1.5–§1.7)
+# --------------------------------------------------------------------------------------------
+
+def smooth_l1(diff: torch.Tensor, beta: float) -> torch.Tensor:
+    """Huber-style smooth L1 of the RI regression error, per element (SPEC §1.5)."""
+    return F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=beta, reduction="none")
+
+
+def index_diversion(ri_pred: torch.Tensor, mu_ui: torch.Tensor, tau: float) -> torch.Tensor:
+    """[R] The index diversion hinge, per row: max(0, μ_UI + τ − ξ̂).
+
+    Reconstructed: the paper pushes the predicted RI of recognizable faces away from that of
+    the UIs by at least a margin, costing most for the hardest faces. The hinge on the
+    difference to the UI mean μ_UI (an EMA, detached) is the simplest loss with that shape."""
+    return F.relu(mu_ui.detach() + tau - ri_pred)
+
+
+def pam_target(embeddings: torch.Tensor, ui_center: torch.Tensor) -> torch.Tensor:
+    """[R] The PAM regression target v̇: the normalised embedding with its component along
+    the (normalised) UI centre removed, normalised again.
+
+    Reconstructed: the paper trains the attention branch to produce an embedding that is
+    'diverted' from the UI cluster; removing the UI direction is the smallest change to v̂
+    that is orthogonal to ū. Detached."""
+    v = normalize(embeddings.detach())
+    u = normalize(ui_center.detach().to(v.dtype))
+    return normalize(v - (v @ u)[:, None] * u)
+
+
+def ree_aux_loss(
+    ri_pred: torch.Tensor,
+    ri_target: torch.Tensor,
+    mu_ui: Union[float, torch.Tensor],
+    *,
+    tau: float = 0.2,
+    beta: float = 0.75,
+    attn: Optional[torch.Tensor] = None,
+    embeddings: Optional[torch.Tensor] = None,
+    ui_center: Optional[torch.Tensor] = None,
+    recognizable: Optional[torch.Tensor] = None,
+    weights: Sequence[float] = (1.0, 1.0, 1.0),
+) -> AuxOutput:
+    """L1 RI regression, index diversion and PAM MSE (SPEC §2), eagerly. No validation."""
+    sdt = stat_dtype(ri_pred.dtype)
+    pred = ri_pred.to(sdt)
+    mu = torch.as_tensor(mu_ui, dtype=sdt, device=pred.device)
+    l1 = smooth_l1(pred - ri_target.detach().to(sdt), beta).mean()
+
+    keep = torch.ones_like(pred, dtype=torch.bool) if recognizable is None else recognizable
+    count = keep.sum()
+    denom = count.clamp_min(1).to(sdt)
+    idl = torch.where(keep, index_diversion(pred, mu, tau), 0.0).sum() / denom
+    if attn is None:
+        mse = torch.zeros((), dtype=sdt, device=pred.device)
+    else:
+        err = (attn.to(sdt) - pam_target(embeddings.to(sdt), ui_center)).square().sum(1)
+        mse = torch.where(keep, err, 0.0).sum() / (denom * attn.shape[1])
+    total = weights[0] * l1 + weights[1] * idl + weights[2] * mse
+    return AuxOutput(total, l1, idl, mse)

@@ -1,0 +1,55 @@
+"""Builds `ree_kernels._C` (the C++ CPU kernels, and the CUDA kernels where torch has CUDA).
+
+Environment flags:
+  REE_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
+  REE_CUDA_ARCHS="80;90" the CUDA architectures to compile for (default 80;90)
+  REE_CPU_NATIVE=0       do not tune the CPU code for this machine (-march=native is the default)
+  MAX_JOBS=N             parallel compile jobs (read by torch's build extension)
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip()
+
+
+def sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    with_cuda = torch.cuda.is_available() or flag("FORCE_CUDA", "0") == "1"
+    with_cuda = with_cuda and CUDA_HOME is not None and flag("REE_SKIP_CUDA", "0") != "1"
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    if flag("REE_CPU_NATIVE", "1") == "1":
+        cxx.append("-march=native")
+    src = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        return CppExtension("ree_kernels._C", src, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    archs = [a for a in flag("REE_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    src += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
+    return CUDAExtension("ree_kernels._C", src, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx + ["-DREE_WITH_CUDA"], "nvcc": nvcc})
+
+
+setup(
+    name="ree-kernels",
+    version="0.1.0",
+    description="Fused kernels and a training package for recognizability-aware (REE) face recognition",
+    packages=["ree_kernels", "ree_kernels.triton"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
