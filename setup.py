@@ -9,7 +9,7 @@ Environment flags:
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
@@ -47,7 +47,10 @@ setup(
     name="ree-kernels",
     version="0.1.0",
     description="Fused kernels and a training package for recognizability-aware (REE) face recognition",
-    packages=["ree_kernels", "ree_kernels.triton"],
+    packages=find_packages(include=["ree_kernels", "ree_kernels.*"])
+    + find_packages("python", include=["ree", "ree.*"]),
+    package_dir={"ree": "python/ree"},
+    entry_points={"console_scripts": ["ree = ree.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
     ext_modules=[extension()],
