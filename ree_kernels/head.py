@@ -76,11 +76,12 @@ def register_head_ops(prefix: str) -> None:
                 None, None, None, None, None, None, None, None)
 
     torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
-    torch.library.register_fake(f"ree::{prefix}head_forward_with_grad")(_head_forward_with_grad_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
     torch.library.register_autograd(f"ree::{prefix}head_forward", backward_forward, setup_context=setup_forward)
-    torch.library.register_autograd(f"ree::{prefix}head_forward_with_grad", backward_with_grad,
-                                    setup_context=setup_with_grad)
+    if hasattr(torch.ops.ree, f"{prefix}head_forward_with_grad"):  # only GRAD_IN_FORWARD backends need it
+        torch.library.register_fake(f"ree::{prefix}head_forward_with_grad")(_head_forward_with_grad_fake)
+        torch.library.register_autograd(f"ree::{prefix}head_forward_with_grad", backward_with_grad,
+                                        setup_context=setup_with_grad)
 
 
 if EXTENSION_ERROR is None:
