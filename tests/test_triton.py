@@ -258,6 +258,8 @@ def test_torch_compile_fullgraph():
         return out.loss + aux.total
 
     results = []
+    # Eager first, as in training: the first call imports ree_kernels.triton, which a traced
+    # graph cannot do (importlib is skipped by dynamo).
     for fn in (step, torch.compile(step, fullgraph=True)):
         emb = inputs["embeddings"].float().clone().requires_grad_(True)
         protos = inputs["prototypes"].float().clone().requires_grad_(True)
