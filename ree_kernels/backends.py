@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -92,6 +93,7 @@ def kernel_op(backend: str, name: str) -> Callable:
     """`torch.ops.ree.<name>` for the C++ backends (the dispatcher picks the CPU or CUDA
     kernel), `torch.ops.ree.triton_<name>` for Triton, whose module registers them on import."""
     if backend == "triton":
-        importlib.import_module("ree_kernels.triton")
+        if "ree_kernels.triton" not in sys.modules:  # import_module itself breaks a torch.compile graph
+            importlib.import_module("ree_kernels.triton")
         name = f"triton_{name}"
     return getattr(torch.ops.ree, name)
