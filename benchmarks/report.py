@@ -184,6 +184,7 @@ def plot_sweep(path: Path, title: str, kernel: str, shapes: Sequence[Tuple[int, 
     axis that varies, or per mode when the sweep has one shape. None, or why no plot."""
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -208,9 +209,15 @@ def plot_sweep(path: Path, title: str, kernel: str, shapes: Sequence[Tuple[int, 
                             marker="o", capsize=3, label=provider)
         for ax in (ax_t, ax_m):
             ax.set_xscale("log")
+            ticks = sorted({s[axis] for s in shapes})
+            ax.set_xticks(ticks, [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" if t >= 1e3 else str(t)
+                                  for t in ticks])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("BCD"[axis])
         ax_t.set_yscale("log")
         ax_m.set_yscale("symlog", linthresh=1.0)  # workspaces of 0 MB stay on the plot
+        ax_m.set_ylim(bottom=0)
+        title += ", " + " ".join(f"{'BCD'[i]}={shapes[0][i]}" for i in range(3) if i != axis and shapes[0][i])
         ax_t.set_title(f"time, {mode} (ms, p50 with p20-p80)")
     else:
         width = 0.8 / max(1, len(providers))

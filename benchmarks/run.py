@@ -69,10 +69,11 @@ SUITES: Dict[str, Suite] = {
         "head B=256 D=512 C=50k float32 (floor, eager, compiled, cpu; fwd/bwd/full), a C sweep "
         "10k-200k (floor, eager, cpu; full), aux B=1024 D=512 (eager, cpu); < 10 min on 2 cores"),
     "quick": Suite("cpu", (
-        Sweep("head", "head", ("floor", "eager", "cpu"), ("full",), ((256, 20_000, 512),), "float32"),
+        Sweep("head", "head", ("floor", "eager", "cpu"), ("full",), ((256, 50_000, 512),), "float32"),
         Sweep("aux", "aux", ("eager", "cpu"), ("full",), ((1024, 0, 512),), "float32"),
     ), Budget(warmup_s=0.1, measure_s=0.5, min_reps=3, max_reps=200),
-        "head B=256 D=512 C=20k float32 and aux B=1024 D=512, forward+backward; < 2 min"),
+        "head B=256 D=512 C=50k float32 (floor, eager, cpu) and aux B=1024 D=512 (eager, cpu), "
+        "forward+backward; < 2 min"),
     "gpu": Suite("cuda", (
         Sweep("c1m", "head", GPU_HEAD, MODES, ((1024, 1_000_000, 512),), "bfloat16"),
         Sweep("c100k", "head", GPU_HEAD, MODES, ((512, 100_000, 512),), "bfloat16"),
@@ -110,6 +111,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eager-limit-gb", type=float,
                         help="skip eager/compiled heads whose B x C tensors would exceed this "
                              "(default: a quarter of the free RAM, or 60%% of the GPU's memory)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's); part of the device name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mem-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,6 +119,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--cos-pos must lie in [0, 1)")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     try:
         args.shape = [parse_shape(s) for s in args.shape or ()]
         args.kernels = parse_list(args.kernels, KERNELS, "--kernels")
@@ -255,9 +259,7 @@ class Run:
                 workspace = harness.cuda_workspace(sets[0], full)
             else:
                 del sets[1:]  # the worker process holds its own inputs
-                workspace = harness.subprocess_workspace(
-                    [sys.executable, str(Path(__file__).resolve()), "--mem-worker",
-                     json.dumps({"case": asdict(case), "cos_pos": args.cos_pos, "seed": args.seed})])
+                workspace = harness.subprocess_workspace(worker_argv(case, args.cos_pos, args.seed))
             mb = workspace / harness.MB
             self.results[key] = Stats(mb, mb, mb)
             print(f"  {label} {MEMORY_MODE:4}  workspace {mb:.2f} MB", flush=True)
@@ -293,8 +295,15 @@ def error_text(record: dict) -> str:
     return f"{record['provider']} vs {record['exact']} ({where} {record['dtype']}), relative error: {errors}"
 
 
+def worker_argv(case: Case, cos_pos: float, seed: int) -> List[str]:
+    """The command that measures `case`'s CPU workspace in a fresh process (`mem_worker`)."""
+    spec = {"case": asdict(case), "cos_pos": cos_pos, "seed": seed, "threads": torch.get_num_threads()}
+    return [sys.executable, str(Path(__file__).resolve()), "--mem-worker", json.dumps(spec)]
+
+
 def mem_worker(spec: dict) -> int:
     """In a fresh process: one warm-up forward+backward, then the workspace of the next one."""
+    torch.set_num_threads(spec["threads"])
     case = Case(**spec["case"])
     forward, backward = build(case, eager_limit_bytes=math.inf)
     x = make_inputs(case, cos_pos=spec["cos_pos"], seed=spec["seed"])
@@ -314,10 +323,22 @@ def load_average() -> Optional[float]:
         return None
 
 
+def busy_warning(load: Optional[float]) -> Optional[str]:
+    """A warning when, before the run, other processes compete for the cores: torch's OpenMP
+    threads then wait on each other at every barrier, and CPU timings grow by orders of magnitude."""
+    cores = os.cpu_count() or 1
+    if load is None or load <= 0.5 * cores:
+        return None
+    return (f"load average {load:.1f} on {cores} cores: CPU timings are unreliable; rerun on a quiet "
+            "machine (or compare with --threads 1)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.mem_worker:
         return mem_worker(json.loads(args.mem_worker))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     suite = SUITES[args.suite]
     device = args.device or suite.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -332,6 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_start = load_average()
     print(f"suite {label} on {device_name} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load {load_start}), commit {commit}, inputs at cos_pos {args.cos_pos}", flush=True)
+    busy = busy_warning(load_start)
+    if busy:
+        print(busy, flush=True)
 
     budget = suite.budget
     if args.repeats:
@@ -385,6 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     for (kernel, provider, reason), where in run.skipped.items():
         print(f"skipped {kernel}/{provider} ({len(where)}x): {reason}")
+    if busy:
+        notes.append(busy)
     for note in notes:
         print(f"note: {note}")
     for record in run.accuracy:

@@ -107,10 +107,8 @@ def test_cpu_workspace_of_the_floor_is_its_logits():
     """The fresh-process RSS measurement, end to end: the floor's forward+backward holds its
     [B, C] logits beyond the inputs and the two returned products."""
     B, C, D = 128, 16384, 64
-    spec = {"case": {"kernel": "head", "provider": "floor", "B": B, "C": C, "D": D, "dtype": "float32",
-                     "device": "cpu"}, "cos_pos": 0.8, "seed": 0}
-    workspace = harness.subprocess_workspace(
-        [sys.executable, str(Path(run.__file__)), "--mem-worker", json.dumps(spec)])
+    case = run.Case("head", "floor", B, C, D, "float32", "cpu")
+    workspace = harness.subprocess_workspace(run.worker_argv(case, cos_pos=0.8, seed=0))
     assert abs(workspace / harness.MB - B * C * 4 / harness.MB) < 1.0
 
 
@@ -191,3 +189,8 @@ def test_approximation_error_against_the_exact_provider(tmp_path, capsys, monkey
     for name in ("loss", "grad_ri_pred", "grad_attn"):
         assert 0 <= record[f"{name}_rel_error"] < 1e-5
     assert "cpu vs eager" in capsys.readouterr().out
+
+
+def test_a_busy_machine_is_flagged():
+    assert run.busy_warning(0.0) is None and run.busy_warning(None) is None
+    assert "unreliable" in run.busy_warning(100.0)
