@@ -194,3 +194,18 @@ def test_approximation_error_against_the_exact_provider(tmp_path, capsys, monkey
 def test_a_busy_machine_is_flagged():
     assert run.busy_warning(0.0) is None and run.busy_warning(None) is None
     assert "unreliable" in run.busy_warning(100.0)
+
+
+@pytest.mark.gpu
+def test_tiny_gpu_run_measures_time_and_allocator_workspace(tmp_path):
+    code = run.main(["--suite", "gpu", "--shape", "64,1000,32", "--providers", "floor,eager",
+                     "--repeats", "3", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads(next(tmp_path.glob("summary_cuda-*.json")).read_text())
+    head = {r["provider"]: r for r in summary["ratios"] if r["kernel"] == "head" and r["mode"] == "full"}
+    # The floor holds its [B, C] bf16 logits beyond the inputs and gradients (and at most a
+    # cuBLAS workspace, if one is allocated inside the step).
+    logits_mb = 64 * 1000 * 2 / 2**20
+    assert logits_mb <= head["floor"]["workspace_mb"] < logits_mb + 1.0
+    assert head["eager"]["workspace_mb"] > head["floor"]["workspace_mb"]
+    assert all(r["time_ms"] > 0 for r in summary["ratios"])
