@@ -18,8 +18,9 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 """Norms are clamped to at least this before dividing (F.normalize's epsilon)."""
 
-SIN_EPS = 1e-30
-"""sin θ = sqrt(max(1 − cos², SIN_EPS)): dφ/dcos stays finite at cos = ±1 exactly, and the value is exact to 1e-15."""
+SIN_EPS = 1e-12
+"""sin θ = sqrt(max(1 − cos², SIN_EPS)): keeps dφ/dcos finite at cos = ±1, and makes φ insensitive to
+the last bits of a cosine within 5e-13 of ±1, where the exact sin θ amplifies rounding without bound."""
 
 RATIO_EPS = 1e-6
 """The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
