@@ -26,7 +26,7 @@ import torch
 from . import reference
 from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
 from .reference import HeadOutput, HeadRows, stat_dtype
-from .validation import validate_head_inputs
+from .validation import validate_head_inputs, validate_kernel_options
 
 GRAD_IN_FORWARD = frozenset({"cpu"})
 """Backends whose `head_forward_with_grad` is faster than forward + recomputing backward."""
@@ -134,10 +134,7 @@ def arcface_head(
         scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
         ignore_index=ignore_index, reduction=reduction,
     )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be an int >= 0 (0: automatic), got {chunk_size!r}")
-    if not isinstance(grad_filter_eps, (int, float)) or not 0.0 <= grad_filter_eps < 1.0:
-        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+    validate_kernel_options(chunk_size, grad_filter_eps)
     chosen = resolve_backend(backend, "head", embeddings.device, embeddings.dtype)
     if grad_filter_eps and chosen != "triton":
         raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")
