@@ -33,7 +33,7 @@ hold for it. Keep the head out of DDP (its shards differ by rank and must not be
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -297,10 +297,10 @@ class _ShardedRows(torch.autograd.Function):
     def backward(ctx, grad_loss_rows, *_):
         gathered, shard, lse = ctx.saved_tensors
         p: _ShardPass = ctx.shard_pass
-        row_grad = grad_loss_rows.to(lse.dtype)
+        # Ignored and padding rows have a zero loss coefficient, hence a zero row gradient.
+        row_grad = grad_loss_rows.to(lse.dtype).contiguous()
         if p.reduction == "none":  # each rank's gradients sit on its own rows only
             row_grad = p.group.all_reduce(row_grad.clone(), dist.ReduceOp.SUM)
-        row_grad = torch.where(p.ignored, 0.0, row_grad).contiguous()
         grad_all, grad_shard = p.backward_op(gathered, shard.contiguous(), p.local_labels, lse, row_grad,
                                              p.scale, p.margin, p.margin_mode, p.chunk_size, p.grad_filter_eps)
         grad_mine = p.group.reduce_scatter(grad_all.reshape(p.group.world, p.max_batch, -1))[: ctx.batch]
@@ -488,21 +488,25 @@ def _check_range_before_loading(module: "ShardedArcFaceHead", state_dict, prefix
 
 
 class ShardedArcFaceHead(nn.Module):
-    """The ArcFace prototypes of this rank's classes and `sharded_arcface_head` over them.
+    """The ArcFace prototypes of this rank's classes and `sharded_arcface_head` over them: the
+    class-parallel twin of `ree.models.ArcFaceHead` (same constructor order and forward), as
+    insightface's PartialFC_V2 with sample_rate=1.
 
     `weight` holds the classes [class_start, class_stop) of `num_classes` (`shard_range` of this
-    rank in `process_group`; all of them without torch.distributed), initialised so that the
-    shards of any world size concatenate to the one-process init of the same `seed`. Its
+    rank in `process_group`; all of them without torch.distributed), initialised N(0, 0.01²) so
+    that the shards of any world size concatenate to the one-process init of the same `seed`.
     `state_dict()` records the class range, and loading a state dict of another range raises:
     re-shard checkpoints for another world size with `merge_state_dicts` / `shard_state_dict`,
-    or gather the full one with `gather_state_dict`. A float32 weight is cast to the embeddings'
-    dtype (bfloat16/float16 under autocast) in the forward; its gradient stays float32.
+    or gather the full one with `gather_state_dict`. The weight is cast to the embeddings' dtype
+    in the forward (bfloat16/float16 under autocast), so it keeps float32 master values.
+    Keep it out of DistributedDataParallel, and read the gradient convention (`embedding_grad`)
+    in the module docstring of ree_kernels.distributed.
     """
 
     def __init__(
         self,
+        embedding_size: int,
         num_classes: int,
-        embedding_dim: int,
         *,
         process_group: Optional[dist.ProcessGroup] = None,
         seed: int = 0,
@@ -511,7 +515,6 @@ class ShardedArcFaceHead(nn.Module):
         margin_mode: str = "arcface",
         ri_form: str = "product",
         ignore_index: int = -100,
-        reduction: str = "mean",
         backend: str = "auto",
         embedding_grad: str = "ddp",
         chunk_size: int = 0,
@@ -519,16 +522,16 @@ class ShardedArcFaceHead(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(embedding_dim, int) or isinstance(embedding_dim, bool) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
+            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         group = _Group(process_group)
         self.process_group = process_group
         self.num_classes = num_classes
         self.class_start, self.class_stop = shard_range(num_classes, group.rank, group.world)
-        self.options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-                            ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            embedding_grad=embedding_grad, chunk_size=chunk_size)
-        self.weight = nn.Parameter(init_prototypes(num_classes, embedding_dim, self.class_start,
+        self.scale, self.margin, self.margin_mode, self.ri_form = scale, margin, margin_mode, ri_form
+        self.ignore_index, self.backend, self.embedding_grad, self.chunk_size = (
+            ignore_index, backend, embedding_grad, chunk_size)
+        self.weight = nn.Parameter(init_prototypes(num_classes, embedding_size, self.class_start,
                                                    self.class_stop, seed=seed, dtype=dtype, device=device))
         self.register_load_state_dict_pre_hook(_check_range_before_loading)
 
@@ -536,15 +539,24 @@ class ShardedArcFaceHead(nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
+        *,
         ui_center: Optional[torch.Tensor] = None,
         sample_weight: Optional[torch.Tensor] = None,
-    ) -> HeadOutput:
+        reduction: str = "mean",
+        return_stats: bool = False,
+    ) -> Union[torch.Tensor, HeadOutput]:
+        """The loss of this rank's [B_r, D] embeddings with [B_r] global labels (the whole
+        HeadOutput with return_stats=True). Every rank of the group calls it at every step."""
         weight = self.weight
-        if isinstance(embeddings, torch.Tensor) and embeddings.dtype != weight.dtype:
+        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
             weight = weight.to(embeddings.dtype)
-        return sharded_arcface_head(embeddings, weight, labels, ui_center, num_classes=self.num_classes,
-                                    process_group=self.process_group, sample_weight=sample_weight,
-                                    **self.options)
+        out = sharded_arcface_head(
+            embeddings, weight, labels, ui_center, num_classes=self.num_classes, process_group=self.process_group,
+            scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
+            sample_weight=sample_weight, ignore_index=self.ignore_index, reduction=reduction, backend=self.backend,
+            embedding_grad=self.embedding_grad, chunk_size=self.chunk_size,
+        )
+        return out if return_stats else out.loss
 
     def get_extra_state(self) -> Dict[str, int]:
         return {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}
@@ -584,5 +596,6 @@ class ShardedArcFaceHead(nn.Module):
         return merge_state_dicts(shards)
 
     def extra_repr(self) -> str:
-        return (f"classes [{self.class_start}, {self.class_stop}) of {self.num_classes}, "
-                f"embedding_dim={self.weight.shape[1]}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items()))
+        return (f"embedding_size={self.weight.shape[1]}, classes [{self.class_start}, {self.class_stop}) of "
+                f"{self.num_classes}, scale={self.scale}, margin={self.margin}, margin_mode={self.margin_mode!r}, "
+                f"backend={self.backend!r}, embedding_grad={self.embedding_grad!r}")

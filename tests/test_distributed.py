@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import multiprocessing
 import os
 import re
 import traceback
@@ -42,6 +43,7 @@ def _entry(rank: int, world: int, run_dir: str, fn: Callable, args: tuple) -> No
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears its connections down while a peer still reads from them
     except BaseException:
         with open(f"{run_dir}/rank{rank}.err", "w") as f:
             f.write(traceback.format_exc())
@@ -56,8 +58,11 @@ def spawn(fn: Callable, world: int, tmp_path, *args) -> None:
     reports only the lost connection, so the first failure may not be the cause)."""
     run_dir = tmp_path / f"{fn.__name__}-{world}"
     run_dir.mkdir()
+    # A fork server that has imported torch once starts the ranks in a fraction of a second,
+    # where a fresh interpreter per rank spends seconds importing torch.
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "ree_kernels", __name__])
     try:
-        mp.start_processes(_entry, args=(world, str(run_dir), fn, args), nprocs=world, start_method="spawn")
+        mp.start_processes(_entry, args=(world, str(run_dir), fn, args), nprocs=world, start_method="forkserver")
     except ProcessException:
         reports = [f"--- rank {r} ---\n{(run_dir / f'rank{r}.err').read_text()}"
                    for r in range(world) if (run_dir / f"rank{r}.err").exists()]
@@ -264,12 +269,12 @@ def train_single_process():
 def train_sharded(rank: int, world: int, embedding_grad: str):
     """DDP over the backbone with the default convention; by hand (summed gradients) with "exact"."""
     backbone = make_backbone()
-    head = ShardedArcFaceHead(TRAIN["classes"], TRAIN["dim"], seed=TRAIN["seed"], dtype=torch.float64,
+    head = ShardedArcFaceHead(TRAIN["dim"], TRAIN["classes"], seed=TRAIN["seed"], dtype=torch.float64,
                               backend="reference", embedding_grad=embedding_grad)
     model = nn.parallel.DistributedDataParallel(backbone) if embedding_grad == "ddp" else backbone
     opt = sgd([*model.parameters(), *head.parameters()])
     for x, y, rows in train_batches(world):
-        head(model(x[rows[rank]]), y[rows[rank]]).loss.backward()
+        head(model(x[rows[rank]]), y[rows[rank]]).backward()
         if embedding_grad == "exact":
             for p in backbone.parameters():
                 dist.all_reduce(p.grad)
@@ -303,7 +308,7 @@ def reshard_worker(rank: int, world: int, out_dir: str, old_world: int) -> None:
     shards = [torch.load(os.path.join(out_dir, f"shard{r}.pt")) for r in range(old_world)]
     full = merge_state_dicts(shards)
     assert torch.equal(full["weight"], torch.load(os.path.join(out_dir, "full.pt"))["weight"])
-    head = ShardedArcFaceHead(TRAIN["classes"], TRAIN["dim"], seed=99, dtype=torch.float64, backend="reference",
+    head = ShardedArcFaceHead(TRAIN["dim"], TRAIN["classes"], seed=99, dtype=torch.float64, backend="reference",
                               embedding_grad="exact")
     with pytest.raises(ValueError, match=r"re-shard it"):
         head.load_state_dict(shards[min(rank, old_world - 1)])
@@ -314,7 +319,7 @@ def reshard_worker(rank: int, world: int, out_dir: str, old_world: int) -> None:
 
     x, y, rows = next(train_batches(world))
     emb = x[:, : TRAIN["dim"]].clone().requires_grad_(True)
-    out = head(emb[rows[rank]], y[rows[rank]])
+    out = head(emb[rows[rank]], y[rows[rank]], return_stats=True)
     grads = torch.autograd.grad(out.loss, (emb, head.weight))
     weight = full["weight"].clone().requires_grad_(True)
     ref = arcface_head(emb, weight, y, backend="reference")
@@ -435,7 +440,7 @@ def test_init_is_the_same_for_every_world_size():
 
 
 def test_state_dict_records_the_range_and_reshards():
-    head = ShardedArcFaceHead(23, 4, seed=1)
+    head = ShardedArcFaceHead(4, 23, seed=1)
     full = head.state_dict()
     assert full["_extra_state"] == {"num_classes": 23, "class_start": 0, "class_stop": 23}
     for world in (2, 3, 5):
@@ -453,3 +458,16 @@ def test_state_dict_records_the_range_and_reshards():
         merge_state_dicts([shard_state_dict(full, 0, 2)])
     head.load_state_dict(merge_state_dicts([shard_state_dict(full, r, 4) for r in range(4)]))
     assert head.gather_state_dict()["weight"].shape == (23, 4)
+
+
+def test_module_keeps_float32_weights_under_low_precision_embeddings():
+    head = ShardedArcFaceHead(6, 9, seed=2)
+    assert head.weight.dtype == torch.float32 and head.weight.shape == (9, 6)
+    emb = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.tensor([0, 8, 3, -100, 4])
+    out = head(emb, labels, reduction="none", return_stats=True)
+    ref = arcface_head(emb, head.weight.detach().to(torch.bfloat16), labels, reduction="none")
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.sum().backward()
+    assert head.weight.grad.dtype == torch.float32 and emb.grad.dtype == torch.bfloat16
+    assert float(head.weight.grad.abs().max()) > 0
