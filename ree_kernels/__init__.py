@@ -5,10 +5,13 @@ Public ops (SPEC §2): `arcface_head`, `ree_aux_loss`, `recognizability_index`, 
 `backend="auto" | "reference" | "cpu" | "cuda" | "triton"`.
 """
 from .aux import ree_aux_loss
-from .backends import BACKENDS
+from .backends import BACKENDS, TRITON_USABLE
 from .head import arcface_head
 from .reference import AuxOutput, HeadOutput, pam_target, recognizability_index
 from .tracker import UITracker
+
+if TRITON_USABLE:
+    from . import triton as _triton_ops  # noqa: F401  registers torch.ops.ree.triton_*
 
 __all__ = [
     "BACKENDS",

@@ -40,6 +40,8 @@ CPP_KERNELS = frozenset(
 )
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_USABLE = TRITON_INSTALLED and (TRITON_INTERPRET or torch.cuda.is_available())
+"""Where the Triton ops are registered at import: an import inside a torch.compile trace breaks the graph."""
 
 
 def _why_unavailable(backend: str, op: str, device: torch.device) -> Optional[str]:
@@ -90,8 +92,8 @@ def resolve_backend(backend: str, op: str, device: torch.device, dtype: torch.dt
 
 def kernel_op(backend: str, name: str) -> Callable:
     """`torch.ops.ree.<name>` for the C++ backends (the dispatcher picks the CPU or CUDA
-    kernel), `torch.ops.ree.triton_<name>` for Triton, whose module registers them on import."""
+    kernel), `torch.ops.ree.triton_<name>` for Triton (registered when ree_kernels is imported
+    where Triton can run: see TRITON_USABLE)."""
     if backend == "triton":
-        importlib.import_module("ree_kernels.triton")
         name = f"triton_{name}"
     return getattr(torch.ops.ree, name)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 NORM_EPS = 1e-12
 """Norms are clamped to at least this before dividing (F.normalize's epsilon)."""
 
-SIN_EPS = 1e-12
-"""sin θ = sqrt(max(1 − cos², SIN_EPS)): keeps dφ/dcos finite at cos = ±1 (the peaky rows)."""
+SIN_EPS = 1e-30
+"""sin θ = sqrt(max(1 − cos², SIN_EPS)): dφ/dcos stays finite at cos = ±1 exactly, and the value is exact to 1e-15."""
 
 RATIO_EPS = 1e-6
 """The `ratio` RI form divides by max(d^P, RATIO_EPS)."""

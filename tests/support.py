@@ -27,7 +27,7 @@ AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19)}
 
 DTYPES = {
     ("cpu", "cpu"): (torch.float64, torch.float32, torch.bfloat16, torch.float16),
-    ("triton", "cpu"): (torch.float32,),
+    ("triton", "cpu"): (torch.float32, torch.bfloat16, torch.float16),
     ("cuda", "cuda"): (torch.float32, torch.bfloat16, torch.float16),
     ("triton", "cuda"): (torch.float32, torch.bfloat16, torch.float16),
 }

@@ -18,7 +18,7 @@ using std::sqrt;
 
 // reference.NORM_EPS and reference.SIN_EPS.
 constexpr double kNormEps = 1e-12;
-constexpr double kSinEps = 1e-12;
+constexpr double kSinEps = 1e-30;
 
 enum class MarginMode : int32_t { ArcFace = 0, ArcFaceEasy = 1, ArcFaceStraightThrough = 2, CosFace = 3 };
 
