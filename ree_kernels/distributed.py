@@ -254,13 +254,17 @@ def _combine(p: _ShardPass, local: HeadRows) -> Tuple[torch.Tensor, ...]:
     neg_index, lse), the same on every rank, in float64: the values of several shards meet here,
     and float32 roundings in the combine and in the reduction over the global batch would add
     up to more error than one single-process pass has (the vectors are only [B] long)."""
-    lse_local, cos_pos_local, cos_neg_local = (x.double() for x in (local.lse, local.cos_pos, local.cos_neg))
+    lse_local, loss_local, cos_pos_local, cos_neg_local = (
+        x.double() for x in (local.lse, local.loss, local.cos_pos, local.cos_neg))
     has_negative = local.neg_index >= 0  # False: this shard's only class is the row's label
     peaks = torch.stack([lse_local, torch.where(has_negative, cos_neg_local, -math.inf)])
     lse_max, cos_neg = p.group.all_reduce(peaks, dist.ReduceOp.MAX)
-    # NaN logits make the sum NaN, and so every output that depends on them.
-    sums = torch.stack([torch.exp(lse_local - lse_max), torch.where(p.owned, cos_pos_local, 0.0)])
-    exp_sum, cos_pos = p.group.all_reduce(sums, dist.ReduceOp.SUM)
+    # The owner's target logit s·φ(cos_pos) is lse − loss of its pass, exact in float64: φ taken
+    # again of the rounded cos_pos would be off by up to s·sin(m)·sqrt(2·ulp) near cos = 1.
+    # NaN logits make the sums NaN, and so every output that depends on them.
+    sums = torch.stack([torch.exp(lse_local - lse_max), torch.where(p.owned, cos_pos_local, 0.0),
+                        torch.where(p.owned, lse_local - loss_local, 0.0)])
+    exp_sum, cos_pos, target_logit = p.group.all_reduce(sums, dist.ReduceOp.SUM)
     lse = lse_max + torch.log(exp_sum)
 
     is_nearest = has_negative & (cos_neg_local == cos_neg)
@@ -270,7 +274,6 @@ def _combine(p: _ShardPass, local: HeadRows) -> Tuple[torch.Tensor, ...]:
     neg_index = torch.where(neg_index == _NO_INDEX, -1, neg_index)  # that, or NaN cosines
 
     cos_pos = torch.where(p.ignored, math.nan, cos_pos)
-    target_logit = p.scale * reference.margin_logit(cos_pos, p.margin_mode, p.margin)
     loss_rows = torch.where(p.ignored, 0.0, lse - target_logit)
     sdt = local.lse.dtype
     return loss_rows, cos_pos.to(sdt), cos_neg.to(sdt), neg_index, lse.to(sdt)

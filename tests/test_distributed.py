@@ -21,12 +21,16 @@ from torch.multiprocessing.spawn import ProcessException
 from torch import nn
 
 from ree_kernels import arcface_head, reference
+from ree_kernels.backends import CPP_KERNELS, KERNEL_DTYPES, TRITON_USABLE
 from ree_kernels.distributed import (ShardedArcFaceHead, init_prototypes, merge_state_dicts, shard_range,
                                      shard_state_dict, sharded_arcface_head)
-from support import FORWARD_TOL, GRAD_TOL, assert_spec_close, check_nearest_negative, head_inputs, run_head
+from support import FORWARD_TOL, GRAD_TOL, check_nearest_negative, head_inputs, max_error, run_head
 
-# The local-pass backends the sharded head is tested with.
-LOCAL_BACKENDS = ("reference",)
+# The local passes the sharded head is tested with: its eager one, and the kernel ops of every
+# backend that runs here (Triton in its interpreter; the C++ CPU head once built: the shared
+# kernel suite, not this file, is what fails when the extension lacks it).
+LOCAL_BACKENDS = ("reference",) + (("triton",) if TRITON_USABLE else ()) + (
+    ("cpu",) if ("head", "CPU") in CPP_KERNELS else ())
 COLLECTIVE_TIMEOUT_S = 60
 
 
@@ -82,9 +86,13 @@ def case_inputs(case: Dict, world: int) -> Dict:
     """The global batch of a case, the same on every rank (seeded), in float64."""
     classes, dim = case.get("classes", 31), case.get("dim", 13)
     batch = sum(row_sizes(world, case.get("equal", False)))
+    # Planted rows at |cos| = 1 only below float64: there φ's sqrt(1 − cos²) turns a last-bit
+    # difference of the cosine (a shard's matrix product has another shape than the full one)
+    # into ~1e-7, beyond the float64 tolerance that pt = gt leaves.
+    default_plant = () if case["dtype"] == torch.float64 else ("peaky", "opposite")
     inputs = head_inputs(batch, classes, dim, seed=case["seed"], dtype=torch.float64,
                          ignored=case.get("ignored", 0), weights=case.get("weights", False),
-                         plant=case.get("plant", ("peaky", "opposite")), ui_center=case.get("ui", True))
+                         plant=case.get("plant", default_plant), ui_center=case.get("ui", True))
     labels = inputs["labels"]
     if case.get("edges"):  # the first and last class of every shard
         edges = [c for r in range(world) for c in (shard_range(classes, r, world)[0],
@@ -120,6 +128,14 @@ def objective(loss: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tens
     return loss if loss.dim() == 0 else (loss * weights).sum()
 
 
+def assert_spec_close_to_any(ours: torch.Tensor, pts: Sequence[torch.Tensor], gt: torch.Tensor, tol: float,
+                             what: str) -> None:
+    """SPEC §5, max|ours − gt| ≤ 2·max|pt − gt| + tol, with the pt farthest from gt."""
+    err = max_error(ours, gt, what)
+    bound = 2 * max(max_error(pt, gt, what + " (pt)") for pt in pts) + tol
+    assert err <= bound, f"{what}: max|ours − gt| = {err:.3e} > 2·max|pt − gt| + tol = {bound:.3e}"
+
+
 def check_case(rank: int, world: int, case: Dict) -> None:
     dtype, backend = case["dtype"], case["backend"]
     reduction = case.get("reduction", "mean")
@@ -140,14 +156,17 @@ def check_case(rank: int, world: int, case: Dict) -> None:
     row_weights = torch.linspace(0.5, 1.5, inputs["labels"].numel(), dtype=ours.loss.dtype)
     ours_g = torch.autograd.grad(objective(ours.loss, row_weights[rows]), (emb, shard))
 
-    pt, pt_g = run_head(inputs, backend="reference", dtype=dtype, reduction=reduction, **options)
+    # pt: the single-process reference in dtype, and the same kernel single-process on the
+    # global batch: sharding may add no error beyond what the local pass has on its own.
+    pts = [run_head(inputs, backend=b, dtype=dtype, reduction=reduction, **options)
+           for b in dict.fromkeys(("reference", backend))]
     gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, reduction=reduction, **options)
     what = f"[rank {rank}/{world} {case['name']}]"
     assert ours.loss.dtype == reference.stat_dtype(dtype), what
-    pt_rows, gt_rows = rows_of(pt, rows, reduction), rows_of(gt, rows, reduction)
+    pt_rows, gt_rows = [rows_of(pt, rows, reduction) for pt, _ in pts], rows_of(gt, rows, reduction)
     for field in ("loss", "cos_pos", "cos_neg", "cos_ui", "ri", "lse"):
-        assert_spec_close(getattr(ours, field), getattr(pt_rows, field), getattr(gt_rows, field),
-                          FORWARD_TOL[dtype], f"{what} {field}")
+        assert_spec_close_to_any(getattr(ours, field), [getattr(p, field) for p in pt_rows], getattr(gt_rows, field),
+                                 FORWARD_TOL[dtype], f"{what} {field}")
     check_nearest_negative(ours, gt_rows, {"embeddings": inputs["embeddings"][rows], "labels": inputs["labels"][rows],
                                            "prototypes": inputs["prototypes"]}, dtype)
     if dtype == torch.float64:  # neg_index is a global class id
@@ -155,10 +174,10 @@ def check_case(rank: int, world: int, case: Dict) -> None:
     if case.get("ties"):
         assert bool((ours.neg_index == 3).all()), f"{what} neg_index {ours.neg_index}, expected 3"
     scale_e = world if case.get("embedding_grad") == "ddp" else 1
-    for name, o, p, g in (("grad embeddings", ours_g[0] / scale_e, pt_g[0][rows], gt_g[0][rows]),
-                          ("grad prototypes", ours_g[1], pt_g[1][start:stop], gt_g[1][start:stop])):
+    for name, o, p, g in (("grad embeddings", ours_g[0] / scale_e, [g[0][rows] for _, g in pts], gt_g[0][rows]),
+                          ("grad prototypes", ours_g[1], [g[1][start:stop] for _, g in pts], gt_g[1][start:stop])):
         assert o.dtype == dtype, f"{what} {name} has dtype {o.dtype}"
-        assert_spec_close(o, p, g, GRAD_TOL[dtype], f"{what} {name}")
+        assert_spec_close_to_any(o, p, g, GRAD_TOL[dtype], f"{what} {name}")
     if reduction != "none":  # one number, bitwise the same on every rank
         losses = [torch.zeros_like(ours.loss) for _ in range(world)]
         dist.all_gather(losses, ours.loss.detach())
@@ -168,8 +187,10 @@ def check_case(rank: int, world: int, case: Dict) -> None:
 def comparison_cases(world: int) -> List[Dict]:
     cases = []
     for backend in LOCAL_BACKENDS:
+        dtypes = [d for d in (torch.float64, torch.float32) if d in KERNEL_DTYPES[backend]]
+        wide = dtypes[0]
         for k, mode in enumerate(reference.MARGIN_MODES):
-            for dtype in (torch.float64, torch.float32):
+            for dtype in dtypes:
                 cases.append(dict(name=f"{backend} {mode} {dtype}", backend=backend, dtype=dtype, seed=100 + k,
                                   margin_mode=mode, ignored=3, weights=True, edges=True))
         for reduction in reference.REDUCTIONS:
@@ -182,15 +203,14 @@ def comparison_cases(world: int) -> List[Dict]:
             # for the different summation order, as the single-process suite does.
             dict(name=f"{backend} equal rows, no ui_center", backend=backend, dtype=torch.float32, seed=120,
                  equal=True, ui=False, plant=("peaky", "opposite", "zero_row")),
-            dict(name=f"{backend} ties across shards", backend=backend, dtype=torch.float64, seed=121, ties=True,
-                 plant=()),
-            dict(name=f"{backend} one class per rank", backend=backend, dtype=torch.float64, seed=122,
-                 classes=world, ignored=1, plant=("peaky",)),
+            dict(name=f"{backend} ties across shards", backend=backend, dtype=wide, seed=121, ties=True, plant=()),
+            dict(name=f"{backend} one class per rank", backend=backend, dtype=wide, seed=122,
+                 classes=world, ignored=1),
             dict(name=f"{backend} all rows ignored", backend=backend, dtype=torch.float32, seed=123,
                  ignored=sum(row_sizes(world, False))),
-            dict(name=f"{backend} non-negative ignore_index", backend=backend, dtype=torch.float64, seed=124,
+            dict(name=f"{backend} non-negative ignore_index", backend=backend, dtype=wide, seed=124,
                  ignore_index=2, ignored=2, edges=True),
-            dict(name=f"{backend} ddp convention", backend=backend, dtype=torch.float64, seed=125,
+            dict(name=f"{backend} ddp convention", backend=backend, dtype=wide, seed=125,
                  embedding_grad="ddp", weights=True, edges=True),
             dict(name=f"{backend} bfloat16", backend=backend, dtype=torch.bfloat16, seed=126, ignored=2,
                  weights=True, edges=True),
