@@ -11,7 +11,7 @@ embedding size, a the bytes of an activation element, C_r = ceil(C / W) the larg
   autocast makes for the step, C_r·D·a (PartialFC's F.linear under autocast makes it too).
 - head workspace, ours (ree_kernels.distributed on a kernel backend): the gathered embeddings
   B·D·a (kept for the backward), their gradient before the reduce-scatter B·D·a, one cosine
-  tile B·chunk·4 of the streaming kernel, and 16 per-row 8-byte values. It does not grow with C.
+  tile B·min(chunk, C_r)·4 of the streaming kernel, and 16 per-row 8-byte values.
 - head workspace, PartialFC (insightface arcface_torch partial_fc_v2, sample_rate 1): the
   gathered embeddings in float32 B·D·4 and the B × C_r logits counted once in float32, B·C_r·4:
   a lower bound, since its code keeps the input saved by clamp and the in-place softmax alive
@@ -52,8 +52,8 @@ def prototype_state_bytes(classes: int, world: int, dim: int, act: int, optimize
     return rows * dim * 4 * (2 + OPTIMIZER_STATES[optimizer]) + (rows * dim * act if act < 4 else 0)
 
 
-def ours_workspace_bytes(batch: int, dim: int, act: int, chunk: int) -> int:
-    return 2 * batch * dim * act + batch * chunk * 4 + 16 * batch * 8
+def ours_workspace_bytes(classes: int, batch: int, world: int, dim: int, act: int, chunk: int) -> int:
+    return 2 * batch * dim * act + batch * min(chunk, shard_rows(classes, world)) * 4 + 16 * batch * 8
 
 
 def partialfc_workspace_bytes(classes: int, batch: int, world: int, dim: int) -> int:
@@ -103,14 +103,12 @@ def tables(args: argparse.Namespace) -> str:
             + (f" + {a}-byte autocast copy" if a < 4 else ""),
             class_rows, ranks,
             lambda r, c: human(prototype_state_bytes(classes_of[r], world_of[c], d, a, optimizer))))
-    out.append(table(
-        "Head workspace per rank: ours (any C, any number of ranks)", batch_rows, ["ours"],
-        lambda r, c: human(ours_workspace_bytes(batch_of[r], d, a, chunk))))
     for classes in CLASSES:
         out.append(table(
-            f"Head workspace per rank, PartialFC (B x C/W float32 logits, a lower bound), C = {classes:,}",
+            f"Head workspace per rank, C = {classes:,}: ours / PartialFC (B x C/W float32 logits, a lower bound)",
             batch_rows, ranks,
-            lambda r, c: human(partialfc_workspace_bytes(classes, batch_of[r], world_of[c], d))))
+            lambda r, c: (f"{human(ours_workspace_bytes(classes, batch_of[r], world_of[c], d, a, chunk))} / "
+                          f"{human(partialfc_workspace_bytes(classes, batch_of[r], world_of[c], d))}")))
     out.append(table(
         "Bytes sent per rank per step (any C): ours / PartialFC", batch_rows, ranks,
         lambda r, c: (f"{human(ours_sent_bytes(batch_of[r], world_of[c], d, a))} / "
@@ -130,7 +128,7 @@ def _measure_rank(rank: int, world: int, store: str, args: argparse.Namespace, r
     from ree_kernels.backends import resolve_backend
     from ree_kernels.distributed import shard_range, sharded_arcface_head
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
     g = torch.Generator().manual_seed(0)
@@ -178,7 +176,7 @@ def measure(args: argparse.Namespace) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [f"B = {args.batch} (global), C = {args.classes:,}, D = {args.dim}, float32, forward + backward, "
              f"median of {args.steps} steps after {args.warmup} warm-up; {os.cpu_count()} CPU cores, "
-             f"load average {load}; torch threads per rank = cores // world.", "",
+             f"load average {load}; torch threads per rank: {args.threads or 'cores // ranks'}.", "",
              "| run | op, backend | time per step | vs the first row |", "|---|---|---|---|"]
     base = next(iter(results.values()))[0]
     for run, (seconds, op) in results.items():
@@ -201,6 +199,7 @@ def main(argv: List[str]) -> int:
     run.add_argument("--steps", type=int, default=5)
     run.add_argument("--warmup", type=int, default=1)
     run.add_argument("--backend", default="auto")
+    run.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores // ranks)")
     args = parser.parse_args(argv)
     if args.command == "tables":
         print(tables(args))

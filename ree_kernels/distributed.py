@@ -287,8 +287,11 @@ class _ShardedRows(torch.autograd.Function):
         padded = embeddings.new_zeros((p.max_batch, embeddings.shape[1]))
         padded[: embeddings.shape[0]] = embeddings
         gathered = p.group.all_gather(padded).flatten(0, 1)
-        local = HeadRows(*p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
-                                       p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps))
+        # The local pass computes in the inputs' dtype, as the kernel ops do under autocast too, so
+        # that the eager backward recomputes exactly the forward's logits.
+        with torch.autocast(gathered.device.type, enabled=False):
+            local = HeadRows(*p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
+                                           p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps))
         loss_rows, cos_pos, cos_neg, neg_index, lse = _combine(p, local)
         ctx.save_for_backward(gathered, shard, lse)
         ctx.shard_pass = p
@@ -304,8 +307,10 @@ class _ShardedRows(torch.autograd.Function):
         row_grad = grad_loss_rows.to(lse.dtype).contiguous()
         if p.reduction == "none":  # each rank's gradients sit on its own rows only
             row_grad = p.group.all_reduce(row_grad.clone(), dist.ReduceOp.SUM)
-        grad_all, grad_shard = p.backward_op(gathered, shard.contiguous(), p.local_labels, lse, row_grad,
-                                             p.scale, p.margin, p.margin_mode, p.chunk_size, p.grad_filter_eps)
+        with torch.autocast(gathered.device.type, enabled=False):
+            grad_all, grad_shard = p.backward_op(gathered, shard.contiguous(), p.local_labels, lse, row_grad,
+                                                 p.scale, p.margin, p.margin_mode, p.chunk_size,
+                                                 p.grad_filter_eps)
         grad_mine = p.group.reduce_scatter(grad_all.reshape(p.group.world, p.max_batch, -1))[: ctx.batch]
         if p.embedding_grad == "ddp":
             grad_mine = grad_mine * p.group.world

@@ -6,7 +6,6 @@ spawned group runs many cases, since starting the processes costs more than the 
 from __future__ import annotations
 
 import datetime
-import math
 import multiprocessing
 import os
 import re
@@ -491,3 +490,13 @@ def test_module_keeps_float32_weights_under_low_precision_embeddings():
     out.loss.sum().backward()
     assert head.weight.grad.dtype == torch.float32 and emb.grad.dtype == torch.bfloat16
     assert float(head.weight.grad.abs().max()) > 0
+
+
+def test_local_pass_ignores_autocast_like_the_kernels():
+    inputs = head_inputs(9, 13, 6, seed=3, dtype=torch.float32)
+    args = (inputs["embeddings"], inputs["prototypes"], inputs["labels"])
+    plain = sharded_arcface_head(*args, num_classes=13, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = sharded_arcface_head(*args, num_classes=13, backend="reference")
+    for field in plain._fields:
+        torch.testing.assert_close(getattr(autocast, field), getattr(plain, field), equal_nan=True, rtol=0, atol=0)
