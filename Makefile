@@ -10,6 +10,7 @@ BUILD_STAMP := $(VENV)/.extension-built
 CSRC := $(shell find csrc -type f) setup.py
 TORCH_INCLUDES = $$($(PY) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')
 NVCC ?= nvcc
+CUDA_HOME ?= /usr/local/cuda
 REE_CUDA_ARCHS ?= 80;90
 
 .PHONY: install test bench demo cuda-check cmake-build gpu-check clean
@@ -50,7 +51,7 @@ cuda-check: install
 	done; \
 	for f in csrc/cuda/*.cpp; do \
 	  echo "g++ -fsyntax-only $$f"; \
-	  g++ -std=c++17 -fsyntax-only -DREE_WITH_CUDA -Icsrc/include -I$$(dirname $$(dirname $$(command -v $(NVCC))))/include \
+	  g++ -std=c++17 -fsyntax-only -DREE_WITH_CUDA -Icsrc/include -I$(CUDA_HOME)/include \
 	    $(TORCH_INCLUDES) $$($(PY) -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') $$f; \
 	done; \
 	echo "cuda-check: all CUDA sources compile"
