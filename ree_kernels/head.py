@@ -69,11 +69,21 @@ def register_head_ops(prefix: str) -> None:
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
+        # Only `loss` gets a gradient: materialising zeros for the others would allocate a C × D tensor.
+        ctx.set_materialize_grads(False)
 
     def backward_with_grad(ctx, grad_loss, *_):
+        if grad_loss is None:  # the loss got no gradient (grads are not materialised)
+            return (None,) * 10
         grad_e, grad_w = ctx.saved_tensors
-        return (grad_e * grad_loss.to(grad_e.dtype), grad_w * grad_loss.to(grad_w.dtype),
-                None, None, None, None, None, None, None, None)
+        scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
+        if torch._C._autograd._get_current_graph_task_keep_graph():
+            # retain_graph=True (gradcheck, a second backward): the saved gradients must survive.
+            grads = (grad_e * scale_e, grad_w * scale_w)
+        else:
+            # Their last use: scaling in place keeps a single C × D gradient at the peak.
+            grads = (grad_e.mul_(scale_e), grad_w.mul_(scale_w))
+        return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
