@@ -26,7 +26,7 @@ import torch
 from . import reference
 from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
 from .reference import HeadOutput, HeadRows, stat_dtype
-from .validation import validate_head_inputs
+from .validation import validate_head_inputs, validate_kernel_options
 
 GRAD_IN_FORWARD = frozenset({"cpu"})
 """Backends whose `head_forward_with_grad` is faster than forward + recomputing backward."""
@@ -69,11 +69,21 @@ def register_head_ops(prefix: str) -> None:
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
+        # Only `loss` gets a gradient: materialising zeros for the others would allocate a C × D tensor.
+        ctx.set_materialize_grads(False)
 
     def backward_with_grad(ctx, grad_loss, *_):
+        if grad_loss is None:  # the loss got no gradient (grads are not materialised)
+            return (None,) * 10
         grad_e, grad_w = ctx.saved_tensors
-        return (grad_e * grad_loss.to(grad_e.dtype), grad_w * grad_loss.to(grad_w.dtype),
-                None, None, None, None, None, None, None, None)
+        scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
+        if torch._C._autograd._get_current_graph_task_keep_graph():
+            # retain_graph=True (gradcheck, a second backward): the saved gradients must survive.
+            grads = (grad_e * scale_e, grad_w * scale_w)
+        else:
+            # Their last use: scaling in place keeps a single C × D gradient at the peak.
+            grads = (grad_e.mul_(scale_e), grad_w.mul_(scale_w))
+        return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
@@ -134,10 +144,7 @@ def arcface_head(
         scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
         ignore_index=ignore_index, reduction=reduction,
     )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be an int >= 0 (0: automatic), got {chunk_size!r}")
-    if not isinstance(grad_filter_eps, (int, float)) or not 0.0 <= grad_filter_eps < 1.0:
-        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+    validate_kernel_options(chunk_size, grad_filter_eps)
     chosen = resolve_backend(backend, "head", embeddings.device, embeddings.dtype)
     if grad_filter_eps and chosen != "triton":
         raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")

@@ -95,6 +95,41 @@ def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
     raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {mode!r}")
 
 
+class ArcFaceLogits(NamedTuple):
+    """The B × C quantities of one ArcFace pass (SPEC §3), as the reference materialises them."""
+
+    cos: torch.Tensor  # [B, C] clamped cosines, in the statistics dtype
+    target: torch.Tensor  # [B, C] bool: the label column of the rows that have one
+    has_target: torch.Tensor  # [B] bool: the label lies in [0, C) and is not ignore_index
+    cos_label: torch.Tensor  # [B] cos at the label column, 0 where has_target is False
+    phi: torch.Tensor  # [B] φ(cos_label)
+    logits: torch.Tensor  # [B, C] s·φ at the label column, s·cos elsewhere
+
+
+def arcface_logits(
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.5,
+    margin_mode: str = "arcface",
+    ignore_index: int = -100,
+) -> ArcFaceLogits:
+    """The ArcFace logits of SPEC §3, differentiable with respect to both inputs. A row whose
+    label is `ignore_index` or outside [0, C) has no target column: plain s·cos everywhere."""
+    sdt = stat_dtype(embeddings.dtype)
+    num_classes = prototypes.shape[0]
+    cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
+    has_target = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
+    target = F.one_hot(torch.where(has_target, labels, 0), num_classes).bool() & has_target[:, None]
+
+    cos_label = cos.masked_fill(~target, 0.0).sum(1)
+    phi = margin_logit(cos_label, margin_mode, margin)
+    logits = scale * torch.where(target, phi[:, None], cos)
+    return ArcFaceLogits(cos, target, has_target, cos_label, phi, logits)
+
+
 def arcface_rows(
     embeddings: torch.Tensor,
     prototypes: torch.Tensor,
@@ -109,16 +144,11 @@ def arcface_rows(
 
     A label outside [0, C) other than `ignore_index` poisons its row's loss with NaN, which is
     what the kernels do where validation cannot run (inside torch.compile)."""
-    sdt = stat_dtype(embeddings.dtype)
-    num_classes = prototypes.shape[0]
-    cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
+    cos, target, has_target, cos_label, phi, logits = arcface_logits(
+        embeddings, prototypes, labels,
+        scale=scale, margin=margin, margin_mode=margin_mode, ignore_index=ignore_index,
+    )
     ignored = labels == ignore_index
-    has_target = (labels >= 0) & (labels < num_classes) & ~ignored
-    target = F.one_hot(torch.where(has_target, labels, 0), num_classes).bool() & has_target[:, None]
-
-    cos_label = cos.masked_fill(~target, 0.0).sum(1)
-    phi = margin_logit(cos_label, margin_mode, margin)
-    logits = scale * torch.where(target, phi[:, None], cos)
     lse = torch.logsumexp(logits, dim=1)
     loss = torch.where(has_target, lse - scale * phi, torch.where(ignored, 0.0, math.nan))
 

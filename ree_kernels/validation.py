@@ -58,12 +58,14 @@ def validate_head_inputs(
     ri_form: str,
     ignore_index: int,
     reduction: str,
+    num_classes: Optional[int] = None,
 ) -> None:
     """Raises TypeError/ValueError naming the argument for anything `arcface_head` cannot take.
 
     The label range is a data-dependent check: it runs eagerly, and is skipped while
     torch.compile traces (no host sync in a graph); the kernels then turn an out-of-range
-    label into a NaN loss for its row rather than reading out of bounds."""
+    label into a NaN loss for its row rather than reading out of bounds. Labels must lie in
+    [0, num_classes), by default the number of prototypes (a class shard passes the total)."""
     _tensor("embeddings", embeddings, 2)
     _tensor("prototypes", prototypes, 2)
     _tensor("labels", labels, 1, (torch.int64,))
@@ -97,12 +99,20 @@ def validate_head_inputs(
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not torch.compiler.is_compiling():
-        num_classes = prototypes.shape[0]
+        num_classes = prototypes.shape[0] if num_classes is None else num_classes
         bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
         if bool(bad.any()):
             value = int(labels[bad][0])
             raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
                              f"found {value}")
+
+
+def validate_kernel_options(chunk_size: int, grad_filter_eps: float) -> None:
+    """The kernels' tuning options of `arcface_head` (see its docstring)."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0 (0: automatic), got {chunk_size!r}")
+    if not isinstance(grad_filter_eps, (int, float)) or not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
 
 
 def validate_aux_inputs(

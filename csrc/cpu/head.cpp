@@ -1,0 +1,719 @@
+// arcface_head on the CPU. The op contract is the docstring of ree_kernels/head.py; the
+// specification is reference.arcface_rows (and loss_coefficients for the row coefficients).
+// Design and measurements: docs/design.md, "CPU backend".
+//
+// No B × C tensor and no normalised copy of W: the cosines of one tile exist at a time, as the
+// output of a BLAS product of the normalised embeddings with the raw prototypes (at::mm), scaled
+// by the prototypes' inverse norms in one fused pass per row that reduces them to the row's
+// statistics and, when gradients are wanted, overwrites them with ∂L/∂cos (times the inverse
+// norm, so that the next products take the raw prototypes again). Three drivers share the row
+// code:
+//   forward_pass:     chunks of classes against all rows, online log-sum-exp (one product);
+//   backward_pass:    chunks of classes against all rows, recomputing the cosines with a given
+//                     lse (three products per chunk: S = V̂·W_cᵀ, dV̂ += G·W_c, dŴ_c = Gᵀ·V̂);
+//   with_grad_pass:   blocks of rows against all classes at once, so that the lse is known before
+//                     the gradient: three products and no recompute.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+
+namespace ree {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------------------------
+// Row arithmetic the compiler vectorises. We do not compile with -ffast-math, so a loop that
+// adds into one scalar would stay scalar (floating-point addition may not be reassociated):
+// reductions keep kLanes partial results instead, combined in a fixed order, which also makes
+// them bitwise reproducible.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+template <typename To, typename From>
+inline To bit_cast(From x) {
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
+}
+
+// e^x for float32 within 1 ulp (0.92 ulp measured over [-87, 88]; libm's expf does not
+// vectorise). e^x = 2^n · e^r with n = round(x / ln 2), r = x − n·ln 2 in two steps (ln 2
+// split so that n·ln2_hi is exact), e^r by its Taylor polynomial of degree 7 (|r| ≤ ln2/2: the
+// truncation is 0.04 ulp). Below −88 the result is 0 (the true value is a denormal). NaN stays
+// NaN.
+inline float fast_exp(float x) {
+  x = x < -88.0f ? -88.0f : (x > 88.0f ? 88.0f : x);
+  constexpr float kShifter = 12582912.0f;  // 1.5 · 2^23: adding it leaves round(x / ln 2) in t's low bits
+  const float t = x * 1.44269504088896341f + kShifter;
+  const float n = t - kShifter;
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t pow2 = (bit_cast<uint32_t>(t) - bit_cast<uint32_t>(kShifter) + 127u) << 23;
+  return p * bit_cast<float>(pow2);
+}
+
+// float64 runs the gradcheck-sized problems: libm's accuracy matters more than speed there.
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sum_lanes(const T* acc) {
+  T total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
+template <typename T, typename A, typename B>
+T dot(const A* a, const B* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<T>(a[d + k]) * static_cast<T>(b[d + k]);
+  }
+  for (; d < n; ++d) acc[d % kLanes] += static_cast<T>(a[d]) * static_cast<T>(b[d]);
+  return sum_lanes(acc);
+}
+
+// torch.clamp(r, −1, 1) and where its gradient passes (−1 ≤ r ≤ 1; not at NaN).
+template <typename T>
+inline T clamp_cos(T r) {
+  return r < T(-1) ? T(-1) : (r > T(1) ? T(1) : r);
+}
+
+template <typename T>
+inline bool clamp_passes(T r) {
+  return r >= T(-1) && r <= T(1);
+}
+
+// The nearest candidate class over ranges of one row's raw dot products x (cosine = x · inv_w):
+// the largest clamped cosine, the lowest index on ties. NaN cosines are skipped here (a NaN
+// shows up in the row's exp-sum, and row_forward_chunk then looks for it).
+template <typename T>
+struct Nearest {
+  T value[kLanes];
+  int32_t index[kLanes];
+
+  Nearest() {
+    std::fill(value, value + kLanes, -kInf<T>);
+    std::fill(index, index + kLanes, int32_t(-1));
+  }
+
+  void scan(const T* x, const T* inv_w, int64_t begin, int64_t end) {
+    int64_t j = begin;
+    for (; j + kLanes <= end; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const T c = clamp_cos(x[j + k] * inv_w[j + k]);
+        const bool better = c > value[k];
+        value[k] = better ? c : value[k];
+        index[k] = better ? static_cast<int32_t>(j + k) : index[k];
+      }
+    }
+    for (; j < end; ++j) {
+      const T c = clamp_cos(x[j] * inv_w[j]);
+      const int64_t k = j % kLanes;
+      if (c > value[k]) {
+        value[k] = c;
+        index[k] = static_cast<int32_t>(j);
+      }
+    }
+  }
+
+  // (value, index), index −1 when the ranges held no candidate.
+  std::pair<T, int64_t> best() const {
+    T v = -kInf<T>;
+    int64_t at = -1;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      if (index[k] < 0) continue;
+      if (at < 0 || value[k] > v || (value[k] == v && index[k] < at)) {
+        v = value[k];
+        at = index[k];
+      }
+    }
+    return {v, at};
+  }
+};
+
+// Σ_j exp(scale · c_j − shift) over [begin, end), with c_j = clamp(x_j · inv_w_j), and how
+// many c_j ≥ near (the candidates for a tie with the nearest negative).
+template <typename T>
+std::pair<T, T> exp_sum(const T* x, const T* inv_w, int64_t begin, int64_t end, T scale, T shift, T near) {
+  T acc[kLanes] = {};
+  T count[kLanes] = {};
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const T c = clamp_cos(x[j + k] * inv_w[j + k]);
+      acc[k] += fast_exp(scale * c - shift);
+      count[k] += c >= near ? T(1) : T(0);
+    }
+  }
+  for (; j < end; ++j) {
+    const T c = clamp_cos(x[j] * inv_w[j]);
+    acc[j % kLanes] += fast_exp(scale * c - shift);
+    count[j % kLanes] += c >= near ? T(1) : T(0);
+  }
+  return {sum_lanes(acc), sum_lanes(count)};
+}
+
+// x_j ← coef_scale · softmax_j · inv_w_j where the clamp passes the gradient, else 0:
+// ∂L/∂cos_j of a column without the target, times the inverse norm the products need.
+template <typename T>
+void write_softmax_grad(T* x, const T* inv_w, int64_t n, T scale, T lse, T coef_scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = x[j] * inv_w[j];
+    const T p = fast_exp(scale * clamp_cos(r) - lse);
+    x[j] = clamp_passes(r) ? coef_scale * p * inv_w[j] : T(0);
+  }
+}
+
+// Calls f(begin, end) on [0, n) without the column `skip` (none when skip < 0).
+template <typename F>
+void around(int64_t n, int64_t skip, F f) {
+  if (skip < 0) {
+    f(int64_t(0), n);
+    return;
+  }
+  f(int64_t(0), skip);
+  f(skip + 1, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One row of the head (reference.arcface_rows) over chunks of classes.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Problem {
+  T scale;
+  MarginParams margin;
+  int64_t ignore_index;
+  int64_t classes;
+
+  bool has_target(int64_t label) const { return label != ignore_index && label >= 0 && label < classes; }
+
+  // The label's column within the chunk [c0, c0 + n), or −1.
+  int64_t label_in(int64_t label, int64_t c0, int64_t n) const {
+    return has_target(label) && label >= c0 && label < c0 + n ? label - c0 : -1;
+  }
+};
+
+// What a row has accumulated over the chunks seen so far.
+template <typename T>
+struct RowState {
+  T max_logit = -kInf<T>;  // the shift of `sum`
+  T sum = 0;               // Σ exp(logit − max_logit)
+  T nearest = -kInf<T>;
+  int64_t nearest_index = -1;
+  T cos_label = kNaN<T>;
+  T phi = kNaN<T>;
+};
+
+// The nearest negative's cosine recomputed in one fixed order. BLAS rounds a product differently
+// depending on where a column falls in its tiles, so two identical prototypes can get cosines
+// that differ in the last bits, and which one wins would depend on the chunking; the candidates
+// for the maximum are recomputed here (double accumulation), so that ties go to the lowest index
+// in every chunking and dtype.
+template <typename scalar_t, typename T>
+struct ExactCosine {
+  const scalar_t* v;  // the row's embedding
+  double inv_v;
+  const scalar_t* w;  // the chunk's first prototype
+  const double* sq_w;
+  int64_t dim;
+
+  // Two cosines closer than this may be ordered differently by BLAS than by exact arithmetic:
+  // a dot product of length D has a rounding error of at most D·u relative to ‖v̂‖‖ŵ‖ = 1.
+  T slack() const { return T(2 * (dim + 4)) * std::numeric_limits<T>::epsilon(); }
+
+  // The cosine before the clamp.
+  T raw(int64_t j) const { return static_cast<T>(dot<double>(v, w + j * dim, dim) * inv_v * inv_norm(sq_w[j])); }
+};
+
+// Merges the chunk [c0, c0 + n) into the row's state; x holds the row's raw dot products
+// v̂·w_j, inv_w the chunk's inverse prototype norms, label_col the label's column or −1.
+template <typename scalar_t, typename T>
+void row_forward_chunk(RowState<T>& st, const T* x, const T* inv_w, int64_t n, int64_t c0, int64_t label_col,
+                       const ExactCosine<scalar_t, T>& exact, const Problem<T>& p) {
+  T chunk_max = -kInf<T>;
+  if (label_col >= 0) {
+    st.cos_label = clamp_cos(exact.raw(label_col));
+    st.phi = margin_logit(st.cos_label, p.margin).phi;
+    chunk_max = p.scale * st.phi;
+  }
+  Nearest<T> lanes;
+  around(n, label_col, [&](int64_t b, int64_t e) { lanes.scan(x, inv_w, b, e); });
+  auto [best, best_at] = lanes.best();
+  if (best_at >= 0 && p.scale * best > chunk_max) chunk_max = p.scale * best;
+  const T shift = st.max_logit > chunk_max ? st.max_logit : chunk_max;
+
+  const T near = best - exact.slack();
+  T sum = 0, candidates = 0;
+  around(n, label_col, [&](int64_t b, int64_t e) {
+    const auto [part, count] = exp_sum(x, inv_w, b, e, p.scale, shift, near);
+    sum += part;
+    candidates += count;
+  });
+  if (label_col >= 0) sum += fast_exp(p.scale * st.phi - shift);
+  st.sum = st.sum * fast_exp(st.max_logit - shift) + sum;
+  st.max_logit = shift;
+
+  // The sum took the cosines from BLAS. The candidates for the nearest negative get their exact
+  // cosine, and so does their term of the sum: with the label's, these are the columns that
+  // dominate the lse.
+  auto exact_term = [&](int64_t j) {
+    const T c = clamp_cos(exact.raw(j));
+    st.sum += fast_exp(p.scale * c - shift) - fast_exp(p.scale * clamp_cos(x[j] * inv_w[j]) - shift);
+    return c;
+  };
+  if (sum != sum) {
+    // A NaN cosine: like torch.max, the nearest negative is the first NaN.
+    for (int64_t j = 0; j < n; ++j) {
+      const T c = x[j] * inv_w[j];
+      if (j != label_col && c != c) {
+        best = c;
+        best_at = j;
+        break;
+      }
+    }
+  } else if (candidates > 1) {
+    best_at = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == label_col || !(clamp_cos(x[j] * inv_w[j]) >= near)) continue;
+      const T c = exact_term(j);
+      if (best_at < 0 || c > best) {
+        best = c;
+        best_at = j;
+      }
+    }
+  } else if (best_at >= 0) {
+    best = exact_term(best_at);
+  }
+  // Chunks come in increasing class order: an equal value later keeps the earlier index.
+  const bool have_nan = st.nearest != st.nearest;
+  if (best_at >= 0 && !have_nan && (best != best || best > st.nearest || st.nearest_index < 0)) {
+    st.nearest = best;
+    st.nearest_index = c0 + best_at;
+  }
+}
+
+// Overwrites the chunk's raw dot products x with coef · ∂loss/∂cos_j · inv_w_j given the row's
+// lse (softmax − one-hot, the margin's derivative at the label, the clamp's mask).
+template <typename scalar_t, typename T>
+void row_grad_chunk(T* x, const T* inv_w, int64_t n, int64_t label_col, T lse, T coef,
+                    const ExactCosine<scalar_t, T>& exact, const Problem<T>& p) {
+  const T coef_scale = coef * p.scale;
+  const T r_label = label_col >= 0 ? exact.raw(label_col) : T(0);
+  write_softmax_grad(x, inv_w, n, p.scale, lse, coef_scale);
+  if (label_col >= 0) {
+    const auto m = margin_logit(clamp_cos(r_label), p.margin);
+    const T grad = coef_scale * (fast_exp(p.scale * m.phi - lse) - T(1)) * m.dphi;
+    x[label_col] = clamp_passes(r_label) ? grad * inv_w[label_col] : T(0);
+  }
+}
+
+// The per-row outputs of head_forward.
+template <typename T>
+struct RowOutputs {
+  T* loss;
+  T* cos_pos;
+  T* cos_neg;
+  int64_t* neg_index;
+  T* lse;
+
+  void write(int64_t i, const RowState<T>& st, int64_t label, const Problem<T>& p) const {
+    const T row_lse = st.max_logit + std::log(st.sum);
+    const bool target = p.has_target(label);
+    lse[i] = row_lse;
+    if (target) {
+      loss[i] = row_lse - p.scale * st.phi;
+    } else {
+      // Outside [0, C) only when validation was skipped (torch.compile): poison the row.
+      loss[i] = label == p.ignore_index ? T(0) : kNaN<T>;
+    }
+    cos_pos[i] = target ? st.cos_label : kNaN<T>;
+    const bool none = st.nearest_index < 0;  // C = 1 and the only class is the label
+    cos_neg[i] = none ? T(-1) : st.nearest;
+    neg_index[i] = st.nearest_index;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Norms and the normalisation's backward (F.normalize with eps = kNormEps).
+// ---------------------------------------------------------------------------------------------
+
+// ‖x_i‖², accumulated in double: the inverse norms then carry one rounding to T.
+template <typename scalar_t>
+void squared_norms(const scalar_t* x, int64_t rows, int64_t dim, double* out) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = dot<double>(x + i * dim, x + i * dim, dim);
+  });
+}
+
+// ∂L/∂x of x̂ = x / max(‖x‖, ε), from t = ∂L/∂x̂ / max(‖x‖, ε): t − (x̂·t)·x̂, or t where the
+// norm is clamped (x̂ is then a plain scaling). `out` may alias `t`.
+template <typename scalar_t, typename T>
+void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scalar_t* out, int64_t dim) {
+  T along = 0;
+  if (!norm_clamped(squared_norm)) {
+    const double inv = inv_norm(squared_norm);
+    along = static_cast<T>(dot<T>(x, t, dim) * inv * inv);
+  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(t[d] - along * static_cast<T>(x[d]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The drivers.
+// ---------------------------------------------------------------------------------------------
+
+// Classes per chunk in forward_pass and backward_pass unless chunk_size says otherwise: large
+// enough for efficient products, small enough for the chunk of every row to stay in cache.
+constexpr int64_t kClassChunk = 2048;
+// Rows per block of with_grad_pass: fewer rows make BLAS stream the prototypes from memory once
+// per block and the products slow down (docs/design.md); more rows cost rb × C workspace.
+constexpr int64_t kRowBlock = 128;
+// The with-gradient pass keeps rb × C cosines: it is used while this holds enough rows.
+constexpr int64_t kRowBlockElements = int64_t(1) << 25;
+
+int64_t rows_per_block(int64_t batch, int64_t classes) {
+  return std::min({batch, kRowBlock, std::max<int64_t>(1, kRowBlockElements / classes)});
+}
+
+int64_t parallel_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
+
+// The inputs in the form every driver takes: normalised embeddings in the accumulation type
+// (B × D, small), the prototypes as given, the squared norms of both.
+template <typename scalar_t, typename T>
+struct Prepared {
+  Tensor emb, protos, labels;
+  Tensor v_hat;     // [B, D] in T
+  Tensor sq_v;      // [B] in double
+  Tensor sq_w;      // [C] in double
+  Tensor inv_w;     // [C] in T
+  int64_t batch, classes, dim;
+
+  Prepared(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels_in)
+      : emb(embeddings.contiguous()), protos(prototypes.contiguous()), labels(labels_in.contiguous()) {
+    batch = emb.size(0);
+    classes = protos.size(0);
+    dim = emb.size(1);
+    const auto acc = emb.options().dtype(c10::CppTypeToScalarType<T>::value);
+    sq_v = at::empty({batch}, emb.options().dtype(at::kDouble));
+    sq_w = at::empty({classes}, sq_v.options());
+    squared_norms(emb.data_ptr<scalar_t>(), batch, dim, sq_v.data_ptr<double>());
+    squared_norms(protos.data_ptr<scalar_t>(), classes, dim, sq_w.data_ptr<double>());
+    inv_w = at::empty({classes}, acc);
+    const double* sq = sq_w.data_ptr<double>();
+    T* inv = inv_w.data_ptr<T>();
+    for (int64_t j = 0; j < classes; ++j) inv[j] = static_cast<T>(inv_norm(sq[j]));
+    v_hat = at::empty({batch, dim}, acc);
+    const scalar_t* v = emb.data_ptr<scalar_t>();
+    T* out = v_hat.data_ptr<T>();
+    const double* sqv = sq_v.data_ptr<double>();
+    for (int64_t i = 0; i < batch; ++i) {
+      const double a = inv_norm(sqv[i]);
+      for (int64_t d = 0; d < dim; ++d) out[i * dim + d] = static_cast<T>(static_cast<double>(v[i * dim + d]) * a);
+    }
+  }
+
+  ExactCosine<scalar_t, T> exact(int64_t row, int64_t c0) const {
+    return {emb.data_ptr<scalar_t>() + row * dim, inv_norm(sq_v.data_ptr<double>()[row]),
+            protos.data_ptr<scalar_t>() + c0 * dim, sq_w.data_ptr<double>() + c0, dim};
+  }
+
+  // Prototypes [c0, c0 + n) in T: a view, or converted into `buffer` (bfloat16, float16).
+  Tensor prototype_chunk(int64_t c0, int64_t n, Tensor& buffer) const {
+    Tensor chunk = protos.narrow(0, c0, n);
+    if (std::is_same<scalar_t, T>::value) return chunk;
+    if (!buffer.defined()) buffer = at::empty({std::min(classes, n) * dim}, v_hat.options());
+    return buffer.narrow(0, 0, n * dim).view({n, dim}).copy_(chunk);
+  }
+
+  // grad_embeddings from u = ∂L/∂v̂ ([B, D] in T, overwritten).
+  Tensor embedding_grad(Tensor& u) const {
+    Tensor grad = at::empty_like(emb);
+    T* up = u.data_ptr<T>();
+    const double* sqv = sq_v.data_ptr<double>();
+    const scalar_t* v = emb.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, parallel_grain(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        T* row = up + i * dim;
+        const T a = static_cast<T>(inv_norm(sqv[i]));
+        for (int64_t d = 0; d < dim; ++d) row[d] *= a;
+        normalize_backward(v + i * dim, sqv[i], row, g + i * dim, dim);
+      }
+    });
+    return grad;
+  }
+
+  // grad_prototypes rows [c0, c0 + n) from t = ∂L/∂ŵ · inv_w ([n, D] in T; may alias the output).
+  void prototype_grad(const T* t, int64_t c0, int64_t n, scalar_t* grad) const {
+    const double* sq = sq_w.data_ptr<double>() + c0;
+    const scalar_t* w = protos.data_ptr<scalar_t>() + c0 * dim;
+    at::parallel_for(0, n, parallel_grain(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        normalize_backward(w + j * dim, sq[j], t + j * dim, grad + (c0 + j) * dim, dim);
+      }
+    });
+  }
+};
+
+// Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp.
+template <typename scalar_t, typename T>
+void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out) {
+  std::vector<RowState<T>> states(in.batch);
+  Tensor w_buffer;
+  Tensor s_buffer = at::empty({in.batch * std::min(chunk, in.classes)}, in.v_hat.options());
+  const int64_t* labels = in.labels.template data_ptr<int64_t>();
+  const T* inv_w = in.inv_w.template data_ptr<T>();
+  for (int64_t c0 = 0; c0 < in.classes; c0 += chunk) {
+    const int64_t n = std::min(chunk, in.classes - c0);
+    Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+    at::mm_out(s, in.v_hat, in.prototype_chunk(c0, n, w_buffer).t());
+    const T* sp = s.data_ptr<T>();
+    at::parallel_for(0, in.batch, parallel_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        row_forward_chunk(states[i], sp + i * n, inv_w + c0, n, c0, p.label_in(labels[i], c0, n), in.exact(i, c0), p);
+      }
+    });
+  }
+  for (int64_t i = 0; i < in.batch; ++i) out.write(i, states[i], labels[i], p);
+}
+
+// Gradients of Σ_i coef_i · loss_i given each row's lse; chunks of classes, recomputing the
+// cosines. Returns (grad_embeddings, grad_prototypes).
+template <typename scalar_t, typename T>
+std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk,
+                                         const T* lse, const T* coef) {
+  constexpr bool same = std::is_same<scalar_t, T>::value;
+  Tensor grad_w = at::empty_like(in.protos);
+  Tensor u = at::zeros_like(in.v_hat);  // ∂L/∂v̂
+  const int64_t width = std::min(chunk, in.classes);
+  Tensor s_buffer = at::empty({in.batch * width}, in.v_hat.options());
+  Tensor t_buffer = same ? Tensor() : at::empty({width * in.dim}, in.v_hat.options());
+  Tensor w_buffer;
+  const int64_t* labels = in.labels.template data_ptr<int64_t>();
+  const T* inv_w = in.inv_w.template data_ptr<T>();
+  for (int64_t c0 = 0; c0 < in.classes; c0 += chunk) {
+    const int64_t n = std::min(chunk, in.classes - c0);
+    const Tensor wc = in.prototype_chunk(c0, n, w_buffer);
+    Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+    at::mm_out(s, in.v_hat, wc.t());
+    T* sp = s.data_ptr<T>();
+    at::parallel_for(0, in.batch, parallel_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        row_grad_chunk(sp + i * n, inv_w + c0, n, p.label_in(labels[i], c0, n), lse[i], coef[i], in.exact(i, c0), p);
+      }
+    });
+    u.addmm_(s, wc);
+    Tensor t = same ? grad_w.narrow(0, c0, n) : t_buffer.narrow(0, 0, n * in.dim).view({n, in.dim});
+    at::mm_out(t, s.t(), in.v_hat);
+    in.prototype_grad(t.data_ptr<T>(), c0, n, grad_w.data_ptr<scalar_t>());
+  }
+  return {in.embedding_grad(u), grad_w};
+}
+
+// Blocks of rows against every class at once: the statistics, then the gradients of
+// Σ_i coef_i · loss_i in the same pass, three products per block. Prototypes not in T would be
+// converted whole and need a C × D accumulator in T: the caller avoids that (with_grad_op).
+template <typename scalar_t, typename T>
+std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t rows,
+                                          const T* coef, const RowOutputs<T>& out) {
+  constexpr bool same = std::is_same<scalar_t, T>::value;
+  const int64_t classes = in.classes;
+  Tensor w_buffer;
+  const Tensor w = in.prototype_chunk(0, classes, w_buffer);
+  Tensor grad_w = at::empty_like(in.protos);
+  Tensor t = same ? grad_w : at::empty({classes, in.dim}, in.v_hat.options());  // ∂L/∂ŵ · inv_w
+  Tensor u = at::empty_like(in.v_hat);                                          // ∂L/∂v̂
+  Tensor s_buffer = at::empty({std::min(rows, in.batch) * classes}, in.v_hat.options());
+  const int64_t* labels = in.labels.template data_ptr<int64_t>();
+  const T* inv_w = in.inv_w.template data_ptr<T>();
+  for (int64_t r0 = 0; r0 < in.batch; r0 += rows) {
+    const int64_t m = std::min(rows, in.batch - r0);
+    const Tensor v_block = in.v_hat.narrow(0, r0, m);
+    Tensor s = s_buffer.narrow(0, 0, m * classes).view({m, classes});
+    at::mm_out(s, v_block, w.t());
+    T* sp = s.data_ptr<T>();
+    at::parallel_for(0, m, parallel_grain(classes), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t i = r0 + k;
+        const int64_t label_col = p.label_in(labels[i], 0, classes);
+        RowState<T> st;
+        row_forward_chunk(st, sp + k * classes, inv_w, classes, 0, label_col, in.exact(i, 0), p);
+        out.write(i, st, labels[i], p);
+        row_grad_chunk(sp + k * classes, inv_w, classes, label_col, out.lse[i], coef[i], in.exact(i, 0), p);
+      }
+    });
+    Tensor u_block = u.narrow(0, r0, m);
+    at::mm_out(u_block, s, w);
+    if (r0 == 0) {
+      at::mm_out(t, s.t(), v_block);
+    } else {
+      t.addmm_(s.t(), v_block);
+    }
+  }
+  in.prototype_grad(t.data_ptr<T>(), 0, classes, grad_w.data_ptr<scalar_t>());
+  return {in.embedding_grad(u), grad_w};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+// ---------------------------------------------------------------------------------------------
+
+void check_inputs(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale,
+                  int64_t chunk_size, double grad_filter_eps) {
+  TORCH_CHECK_VALUE(embeddings.dim() == 2, "embeddings must be [B, D], got ", embeddings.sizes());
+  TORCH_CHECK_VALUE(prototypes.dim() == 2, "prototypes must be [C, D], got ", prototypes.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0),
+                    "labels must be [B] with B = ", embeddings.size(0), ", got ", labels.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_TYPE(prototypes.scalar_type() == embeddings.scalar_type(), "prototypes has dtype ",
+                   prototypes.scalar_type(), " but embeddings has ", embeddings.scalar_type());
+  TORCH_CHECK_VALUE(embeddings.size(0) > 0 && prototypes.size(0) > 0 && embeddings.size(1) > 0,
+                    "B, C and D must be positive; got embeddings ", embeddings.sizes(), ", prototypes ",
+                    prototypes.sizes());
+  TORCH_CHECK_VALUE(prototypes.size(1) == embeddings.size(1), "prototypes has D = ", prototypes.size(1),
+                    " but embeddings has D = ", embeddings.size(1));
+  TORCH_CHECK_VALUE(prototypes.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "prototypes: at most 2^31 − 1 classes, got ", prototypes.size(0));
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite positive number, got ", scale);
+  TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size must be >= 0 (0: automatic), got ", chunk_size);
+  TORCH_CHECK_VALUE(grad_filter_eps == 0.0,
+                    "grad_filter_eps is implemented by the triton backend only; the cpu backend is always "
+                    "exact (pass 0), got ",
+                    grad_filter_eps);
+}
+
+Tensor row_vector(const Tensor& x, const char* name, int64_t batch, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == batch, name, " must be [B] with B = ", batch, ", got ",
+                    x.sizes());
+  return x.to(dtype).contiguous();
+}
+
+int64_t class_chunk(int64_t chunk_size, int64_t classes) {
+  return std::min(chunk_size > 0 ? chunk_size : kClassChunk, classes);
+}
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+ForwardResult empty_rows(const Tensor& embeddings) {
+  const int64_t batch = embeddings.size(0);
+  const auto opts = embeddings.options().dtype(stat_type(embeddings.scalar_type()));
+  return {at::empty({batch}, opts), at::empty({batch}, opts), at::empty({batch}, opts),
+          at::empty({batch}, opts.dtype(at::kLong)), at::empty({batch}, opts)};
+}
+
+template <typename T>
+RowOutputs<T> outputs_of(ForwardResult& rows) {
+  return {std::get<0>(rows).data_ptr<T>(), std::get<1>(rows).data_ptr<T>(), std::get<2>(rows).data_ptr<T>(),
+          std::get<3>(rows).data_ptr<int64_t>(), std::get<4>(rows).data_ptr<T>()};
+}
+
+template <typename T>
+Problem<T> problem_of(double scale, double margin, const std::string& margin_mode, int64_t ignore_index,
+                      int64_t classes) {
+  return {static_cast<T>(scale), make_margin(margin_mode, margin), ignore_index, classes};
+}
+
+#define REE_DISPATCH_HEAD(TYPE, NAME, ...)                                                   \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, [&] {                \
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>; \
+    __VA_ARGS__();                                                                           \
+  })
+
+ForwardResult head_forward_cpu(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
+                               double scale, double margin, c10::string_view margin_mode, int64_t ignore_index,
+                               int64_t chunk_size, double grad_filter_eps) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+  ForwardResult rows = empty_rows(embeddings);
+  REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_cpu", [&] {
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
+    forward_pass(in, p, class_chunk(chunk_size, in.classes), outputs_of<acc_t>(rows));
+  });
+  return rows;
+}
+
+std::tuple<Tensor, Tensor> head_backward_cpu(const Tensor& embeddings, const Tensor& prototypes,
+                                             const Tensor& labels, const Tensor& lse, const Tensor& row_grad,
+                                             double scale, double margin, c10::string_view margin_mode,
+                                             int64_t chunk_size, double grad_filter_eps) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+  const auto sdt = stat_type(embeddings.scalar_type());
+  const Tensor lse_c = row_vector(lse, "lse", embeddings.size(0), sdt);
+  const Tensor grad_c = row_vector(row_grad, "row_grad", embeddings.size(0), sdt);
+  std::tuple<Tensor, Tensor> grads;
+  REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_backward_cpu", [&] {
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    // No row is ignored here: row_grad is already 0 on them.
+    const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), std::numeric_limits<int64_t>::min(),
+                                     in.classes);
+    grads = backward_pass(in, p, class_chunk(chunk_size, in.classes), lse_c.data_ptr<acc_t>(),
+                          grad_c.data_ptr<acc_t>());
+  });
+  return grads;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_with_grad_cpu(
+    const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, const Tensor& row_coef, double scale,
+    double margin, c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+  const auto sdt = stat_type(embeddings.scalar_type());
+  const Tensor coef = row_vector(row_coef, "row_coef", embeddings.size(0), sdt);
+  ForwardResult rows = empty_rows(embeddings);
+  Tensor grad_e, grad_w;
+  REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_with_grad_cpu", [&] {
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
+    const RowOutputs<acc_t> out = outputs_of<acc_t>(rows);
+    const int64_t block = rows_per_block(in.batch, in.classes);
+    // Whole rows in row blocks when the inputs are in the accumulation type (a bfloat16 or
+    // float16 W would need a float32 C × D accumulator across blocks), the workspace holds
+    // enough rows, and chunk_size does not ask for smaller chunks of classes.
+    const bool whole_rows = std::is_same<scalar_t, acc_t>::value &&
+                            block >= std::min(in.batch, kRowBlock / 2) &&
+                            (chunk_size == 0 || chunk_size >= in.classes);
+    if (whole_rows) {
+      std::tie(grad_e, grad_w) = with_grad_pass(in, p, block, coef.data_ptr<acc_t>(), out);
+      return;
+    }
+    const int64_t chunk = class_chunk(chunk_size, in.classes);
+    forward_pass(in, p, chunk, out);
+    std::tie(grad_e, grad_w) = backward_pass(in, p, chunk, out.lse, coef.data_ptr<acc_t>());
+  });
+  // Σ_i coef_i · loss_i in a fixed order (ignored rows have coef 0 and loss 0).
+  const Tensor loss = (coef.to(at::kDouble) * std::get<0>(rows).to(at::kDouble)).sum().to(sdt);
+  return {loss, std::get<0>(rows), std::get<1>(rows), std::get<2>(rows), std::get<3>(rows), std::get<4>(rows),
+          grad_e, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ree, CPU, m) {
+  m.impl("head_forward", &head_forward_cpu);
+  m.impl("head_forward_with_grad", &head_forward_with_grad_cpu);
+  m.impl("head_backward", &head_backward_cpu);
+}
+
+}  // namespace ree
