@@ -273,8 +273,8 @@ class Trainer:
                 seen += images.shape[0] + self.config.uis_per_batch
                 if bar is not None:
                     bar.update(1)
-                if not math.isfinite(float(losses.total)):
-                    raise FloatingPointError(f"the loss is {float(losses.total)} at step {self.step}; "
+                if not math.isfinite(float(losses.total.detach())):
+                    raise FloatingPointError(f"the loss is {float(losses.total.detach())} at step {self.step}; "
                                              "lower lr or check the data")
                 if self.step % self.config.log_every == 0 or self.step == stop:
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
@@ -303,7 +303,7 @@ class Trainer:
 
         return {
             "step": self.step, "epoch": (self.step - 1) / self.sampler.steps_per_epoch,
-            "lr": self.optimizer.param_groups[0]["lr"], "loss": float(losses.total), "cls": float(losses.cls),
+            "lr": self.optimizer.param_groups[0]["lr"], "loss": float(losses.total.detach()), "cls": float(losses.cls),
             "l1": float(losses.l1), "id": float(losses.id), "mse": float(losses.mse),
             "ri_mean": mean(losses.ri), "cos_pos": mean(losses.cos_pos),
             "ui_mu": float(self.criterion.tracker.mu), "grad_norm": float(grad_norm), "images_per_s": rate,
