@@ -350,4 +350,4 @@ def _progress(enabled: bool, start: int, total: int, desc: str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False, disable=None)  # off without a TTY
