@@ -13,8 +13,6 @@ from typing import Any, Dict, List, Optional, Sequence
 from .config import AMP_MODES, DEVICES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .models.iresnet import BACKBONES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
             "device": DEVICES, "arch": tuple(BACKBONES),
             "margin_mode": ("arcface", "arcface_easy", "arcface_st", "cosface"),
@@ -73,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (SPEC §7)")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--output", type=Path, help="report directory (default: next to the checkpoint)")
+    evaluate.add_argument("--data", help="'synthetic' (its test split), an ImageFolder directory or a .rec file "
+                          "(every image); default: the checkpoint's training source")
+    evaluate.add_argument("--pairs", type=int, default=6000, help="verification pairs (fewer if the set is small)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
 
     quality = sub.add_parser("quality", help="score a folder of face images (CSV: path, quality, norm)")
@@ -132,15 +133,19 @@ def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 def _command_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
+    if args.pairs < 2:
+        args.subparser.error("--pairs must be at least 2")
     output = args.output or args.checkpoint.parent / "eval"
-    summary = evaluate_checkpoint(args.checkpoint, output, device=args.device)
+    summary = evaluate_checkpoint(args.checkpoint, output, data=args.data, device=args.device, num_pairs=args.pairs)
     print(summary)
     return 0
 
 
 def image_paths(folder: Path) -> List[Path]:
     """Image files under `folder`, recursively, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    from .data.folders import IMAGE_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -155,7 +160,7 @@ def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error("--batch-size must be positive")
     paths = image_paths(args.images)
     if not paths:
-        parser.error(f"--images {args.images} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        parser.error(f"--images {args.images} holds no image files")
     device = resolve_device(args.device)
     trained = load_model(args.checkpoint, device)
     args.output.parent.mkdir(parents=True, exist_ok=True)

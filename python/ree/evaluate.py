@@ -96,9 +96,20 @@ class Protocol:
     edges: List[int]
 
 
+def max_pairs(labels: np.ndarray) -> int:
+    """The most balanced verification pairs `verification_pairs` can draw from these labels:
+    twice the genuine pairs there are, and at most half the impostor pairs possible."""
+    _, counts = np.unique(labels[labels >= 0], return_counts=True)
+    genuine = int((counts * (counts - 1) // 2).sum())
+    impostor = int((counts.sum() ** 2 - (counts ** 2).sum()) // 2) // 2
+    return min(2 * genuine, 2 * impostor)
+
+
 def make_protocol(labels: np.ndarray, resolutions: np.ndarray, *, num_pairs: int = 6000, seed: int = 0,
                   distractor_fraction: float = 0.2) -> Protocol:
-    a, b, same = protocols.verification_pairs(labels, num_pairs, seed)  # shuffled: folds mix both kinds
+    """Verification pairs (`num_pairs`, fewer on a set too small for them) and the
+    identification split with `distractor_fraction` of the identities as distractors."""
+    a, b, same = protocols.verification_pairs(labels, min(num_pairs, max_pairs(labels)), seed)  # shuffled: folds mix both kinds
     ident = protocols.identification_protocol(labels, seed, gallery_per_id=1, distractor_fraction=distractor_fraction)
     return Protocol(np.asarray(a), np.asarray(b), np.asarray(same, dtype=bool), ident, bin_edges(resolutions))
 

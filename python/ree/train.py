@@ -129,7 +129,9 @@ class Trainer:
         self._seed_everything(config.seed)
         self.dataset = build_dataset(config) if dataset is None else dataset
         self.num_classes = _num_classes(self.dataset)
-        self.model = REEModel(config.model_config()).to(self.device)
+        # channels_last: measured faster for these convolutions on the CPU (mkldnn), and the
+        # layout cuDNN wants for bf16 convolutions
+        self.model = REEModel(config.model_config()).to(self.device, memory_format=torch.channels_last)
         self.criterion = REELoss(
             self.model.embedding_size, self.num_classes, scale=config.scale, margin=config.margin,
             margin_mode=config.margin_mode, ri_form=config.ri_form, tau=config.tau, beta=config.beta,
@@ -237,7 +239,7 @@ class Trainer:
             images = torch.cat([images, uis])
             labels = torch.cat([labels, labels[:count]])
             is_ui = torch.cat([is_ui, torch.ones(count, dtype=torch.bool, device=self.device)])
-        return images, labels, is_ui
+        return images.contiguous(memory_format=torch.channels_last), labels, is_ui
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
         """One optimiser step on a raw batch; -> (LossOutput, gradient norm before clipping)."""
