@@ -1,0 +1,25 @@
+"""Data for the REE training package (images everywhere: float32 [3, H, W], (x/255 - 0.5)/0.5).
+
+- `synthetic`: the embedded default set, procedural very-low-resolution faces from a seed.
+- `protocol`: verification pairs and gallery / probe identification with distractors.
+- `degrade`: VLR degradation of one image, and the batch UI synthesis of SPEC §1.10 [R].
+- `folders` / `recordio`: ImageFolder, insightface .rec/.idx (no mxnet), image files.
+- `real`: LFW faces vs non-faces (scikit-image) and 8x8 digits (scikit-learn), shipped data.
+"""
+# The modules stay reachable as attributes (`ree.data.degrade` is the module, its function is
+# `ree.data.degrade.degrade`).
+from . import arrays, degrade, faces, folders, protocol, real, recordio, synthetic  # noqa: F401
+from .arrays import IGNORE_LABEL, FaceArrays, to_tensor
+from .degrade import synthesize_uis
+from .folders import ImageFolderDataset, load_images
+from .protocol import Protocol, identification_protocol, verification_pairs
+from .real import digits, lfw_faces_vs_nonfaces
+from .recordio import RecordIODataset, RecordIOError, pack_payload, unpack_payload, write_recordio
+from .synthetic import SyntheticConfig, SyntheticSplits, generate
+
+__all__ = [
+    "IGNORE_LABEL", "FaceArrays", "to_tensor", "synthesize_uis", "ImageFolderDataset",
+    "load_images", "Protocol", "identification_protocol", "verification_pairs", "digits",
+    "lfw_faces_vs_nonfaces", "RecordIODataset", "RecordIOError", "pack_payload", "unpack_payload",
+    "write_recordio", "SyntheticConfig", "SyntheticSplits", "generate",
+]

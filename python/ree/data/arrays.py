@@ -1,0 +1,90 @@
+"""In-memory image sets and the one image normalisation used everywhere (SPEC §7)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_LABEL = -100  # gallery distractors and unlabelled images (SPEC §7, ignore_index)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [..., H, W, 3] -> float32 [..., 3, H, W] normalised as (x/255 - 0.5)/0.5."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise TypeError(f"images must be a uint8 numpy array, got {type(images).__name__}"
+                        f"{'' if not isinstance(images, np.ndarray) else ' of ' + str(images.dtype)}")
+    if images.ndim < 3 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape [..., H, W, 3], got {tuple(images.shape)}")
+    if not images.flags.writeable:  # e.g. np.asarray of a PIL image; torch warns on those
+        images = images.copy()
+    x = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
+    return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+@dataclass(eq=False)  # arrays do not compare to one bool
+class FaceArrays(Dataset):
+    """A labelled image set held in memory.
+
+    images: uint8 [N, H, W, 3]; labels: int64 [N] (IGNORE_LABEL for unlabelled images);
+    resolutions: int64 [N], the pixel size each face was degraded to (the native size for
+    undegraded sets). Items are (image float32 [3, H, W] normalised, label, resolution).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    resolutions: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.images = np.asarray(self.images)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.resolutions = np.asarray(self.resolutions, dtype=np.int64)
+        if self.images.dtype != np.uint8:
+            raise TypeError(f"images must be uint8, got {self.images.dtype}")
+        if self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise ValueError(f"images must have shape [N, H, W, 3], got {self.images.shape}")
+        n = len(self.images)
+        for name in ("labels", "resolutions"):
+            value = getattr(self, name)
+            if value.shape != (n,):
+                raise ValueError(f"{name} must have shape [{n}] to match images, got {value.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        return to_tensor(self.images[index]), int(self.labels[index]), int(self.resolutions[index])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        """Size a classifier needs: 1 + the largest label (ignored labels do not count)."""
+        labelled = self.labels[self.labels >= 0]
+        return int(labelled.max()) + 1 if len(labelled) else 0
+
+    def tensors(self, indices: np.ndarray | None = None) -> torch.Tensor:
+        """All (or the indexed) images as one normalised float32 batch [N, 3, H, W]."""
+        return to_tensor(self.images if indices is None else self.images[indices])
+
+    def subset(self, indices: np.ndarray) -> "FaceArrays":
+        return FaceArrays(self.images[indices], self.labels[indices], self.resolutions[indices])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes an uncompressed .npz atomically (temporary file, then rename)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, images=self.images, labels=self.labels, resolutions=self.resolutions)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FaceArrays":
+        try:
+            with np.load(os.fspath(path)) as data:
+                return cls(data["images"], data["labels"], data["resolutions"])
+        except (OSError, KeyError, ValueError) as error:
+            raise ValueError(f"{os.fspath(path)}: not a FaceArrays .npz file ({error})") from error

@@ -1,0 +1,74 @@
+"""Image files on disk: `ImageFolderDataset` (one folder per identity), `load_images` (a list
+of files, for scoring), and `RecordIODataset` (insightface .rec/.idx, see `recordio`)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .arrays import FaceArrays, to_tensor
+from .recordio import RecordIODataset, decode_image
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "RecordIODataset", "load_images"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _check_size(image_size) -> int:
+    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return int(image_size)
+
+
+class ImageFolderDataset(Dataset):
+    """root/<identity>/<image>: labels follow the sorted folder names; files are the images
+    with a known extension (IMAGE_EXTENSIONS), sorted. Items are (image float32 [3, H, W]
+    normalised, label, native resolution = the shorter side of the file), as in `FaceArrays`.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int = 112):
+        self.root = os.fspath(root)
+        self.image_size = _check_size(image_size)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"root: no such directory {self.root}")
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            folder = os.path.join(self.root, name)
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            self.samples += [(os.path.join(folder, f), label) for f in files]
+        if not self.samples:
+            raise ValueError(f"root: {self.root} holds no images in identity folders "
+                             f"(expected root/<identity>/<image> with extension in {IMAGE_EXTENSIONS})")
+        self.labels = np.array([label for _, label in self.samples], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path, label = self.samples[index]
+        pixels, native = decode_image(path, self.image_size, path)
+        return to_tensor(pixels), label, native
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_arrays(self) -> FaceArrays:
+        """Every image decoded into memory."""
+        decoded = [decode_image(path, self.image_size, path) for path, _ in self.samples]
+        return FaceArrays(np.stack([d[0] for d in decoded]), self.labels, np.array([d[1] for d in decoded]))
+
+
+def load_images(paths: Sequence[str | os.PathLike], image_size: int) -> torch.Tensor:
+    """Image files as one normalised float32 batch [N, 3, image_size, image_size]; a
+    ValueError naming the file that cannot be read."""
+    image_size = _check_size(image_size)
+    if isinstance(paths, (str, os.PathLike)):
+        raise TypeError("paths must be a sequence of paths, not a single path")
+    if len(paths) == 0:
+        return torch.empty(0, 3, image_size, image_size)
+    return to_tensor(np.stack([decode_image(os.fspath(p), image_size, os.fspath(p))[0] for p in paths]))
