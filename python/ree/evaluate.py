@@ -14,6 +14,7 @@ import torch
 
 from . import evaluation as ev
 from .data import protocol as protocols
+from .data.degrade import synthesize_uis
 from .models.ree_model import REEModel, embed
 
 FARS = (1e-2, 1e-3)
@@ -53,8 +54,6 @@ def set_tensors(dataset: Any) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
 def ui_center_from_images(model: REEModel, images: torch.Tensor, seed: int = 0, limit: int = 2048) -> torch.Tensor:
     """ū for a model without a trained UI tracker (the ArcFace baseline): the mean normalised
     embedding of UIs synthesised (SPEC §1.10) from up to `limit` of `images`."""
-    from .data.degrade import synthesize_uis
-
     generator = torch.Generator().manual_seed(seed)
     chosen = images[torch.randperm(images.shape[0], generator=generator)[:limit]]
     uis = synthesize_uis(chosen, generator=generator)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .data.arrays import to_tensor
+from .data.degrade import synthesize_uis
 from .config import RESUME_MUTABLE, TrainConfig
 from .losses import LossOutput, REELoss
 from .models.ree_model import REEModel
@@ -40,11 +42,6 @@ def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], (x/255 − 0.5)/0.5 (SPEC §7)."""
-    return (images.permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
 
 
 def build_dataset(config: TrainConfig):
@@ -204,7 +201,7 @@ class Trainer:
     def _fetch(self, indices: List[int]) -> tuple:
         images = getattr(self.dataset, "images", None)
         if isinstance(images, np.ndarray):
-            batch = normalize_images(torch.from_numpy(images[indices]))
+            batch = to_tensor(images[indices])
             labels = torch.as_tensor(np.asarray(self.dataset.labels)[indices], dtype=torch.int64)
             return batch, labels
         items = [self.dataset[i] for i in indices]
@@ -233,8 +230,6 @@ class Trainer:
         is_ui = torch.zeros(images.shape[0], dtype=torch.bool, device=self.device)
         count = self.config.uis_per_batch
         if count:
-            from .data.degrade import synthesize_uis
-
             uis = synthesize_uis(images[:count], generator=self.generator)
             images = torch.cat([images, uis])
             labels = torch.cat([labels, labels[:count]])
