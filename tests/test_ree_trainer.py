@@ -93,7 +93,7 @@ def test_resume_is_bitwise(tmp_path, faces):
 def test_resume_across_an_epoch_with_adamw_step_schedule_and_item_dataset(tmp_path, faces):
     items = ItemFaces(faces)
     kwargs = dict(steps=10, optimizer="adamw", lr=1e-3, schedule="step", milestones=(0.3, 0.6), save_every=4)
-    straight = Trainer(config(tmp_path, "a", **kwargs), dataset=items)
+    straight = Trainer(config(tmp_path, "a", workers=1, **kwargs), dataset=items)  # a loader process
     straight.fit()
     part = Trainer(config(tmp_path, "b", **kwargs), dataset=items)
     part.fit(stop_at=9)  # 8 steps per epoch: resumes inside the second epoch
@@ -112,6 +112,13 @@ def test_log_csv_reads_as_one_run_after_resume(tmp_path, faces):
     assert [int(r["step"]) for r in rows] == [2, 4, 5, 6]
     for r in rows:
         assert all(np.isfinite(float(r[k])) for k in ("loss", "cls", "l1", "id", "mse", "lr"))
+
+
+def test_bf16_autocast_path_runs(tmp_path, faces):
+    trainer = Trainer(config(tmp_path, "bf16", steps=2, amp="bf16"), dataset=faces)
+    assert trainer.amp_dtype == torch.bfloat16
+    trainer.fit()
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
 def test_baseline_trains_without_uis(tmp_path, faces):

@@ -212,8 +212,10 @@ class Trainer:
             for indices in self.sampler.iterate(start, stop):
                 yield self._fetch(indices)
             return
+        # its own generator: the loader's worker seeding must not draw from the global RNG (dropout's)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler.iterate(start, stop),
-                                             num_workers=self.config.workers)
+                                             num_workers=self.config.workers,
+                                             generator=torch.Generator().manual_seed(self.config.seed + start))
         for batch in loader:
             yield batch[0], batch[1].long()
 
