@@ -128,6 +128,7 @@ def test_embed_flip_fusion_and_modes():
         a, b = model(x), model(x.flip(3))
     torch.testing.assert_close(fused.embeddings, a.embedding + b.embedding, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.embeddings, a.embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.plain, a.embedding, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused.quality, a.quality, rtol=1e-5, atol=1e-5)  # eval mode: no dropout
     torch.testing.assert_close(fused.norm, a.embedding.norm(dim=1), rtol=1e-5, atol=1e-5)
 

@@ -51,7 +51,7 @@ def set_tensors(dataset: Any) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def ui_center_from_images(model: REEModel, images: torch.Tensor, seed: int = 0, limit: int = 2048) -> torch.Tensor:
+def ui_center_from_images(model: REEModel, images: torch.Tensor, seed: int = 0, limit: int = 512) -> torch.Tensor:
     """ū for a model without a trained UI tracker (the ArcFace baseline): the mean normalised
     embedding of UIs synthesised (SPEC §1.10) from up to `limit` of `images`."""
     generator = torch.Generator().manual_seed(seed)
@@ -66,9 +66,8 @@ def score(model: REEModel, images: torch.Tensor, ui_center: Optional[torch.Tenso
     tracker when given, else `ui_center_from_images` on these images."""
     center = ui_center if ui_center is not None else ui_center_from_images(model, images, seed)
     out = embed(model, images, flip=True)
-    plain = embed(model, images, flip=False).embeddings
     u = torch.nn.functional.normalize(center.float().cpu(), dim=0)
-    ers = 1.0 - torch.nn.functional.normalize(plain, dim=1) @ u
+    ers = 1.0 - torch.nn.functional.normalize(out.plain, dim=1) @ u
     return Scored(out.embeddings.double().numpy(), out.quality.double().numpy(), out.norm.double().numpy(),
                   ers.double().numpy())
 

@@ -90,12 +90,14 @@ class REEModel(nn.Module):
 
 
 class Inference(NamedTuple):
-    """What `embed` returns, float32 on the CPU: embeddings [N, D] (flip-fused when asked),
-    quality ξ̂ [N] and the feature norm ‖v‖ [N] (of the unflipped image)."""
+    """What `embed` returns, float32 on the CPU: `embeddings` [N, D] (flip-fused when asked),
+    and of the image itself (unflipped): `plain` embeddings [N, D], `quality` ξ̂ [N] and the
+    feature `norm` ‖v‖ [N]."""
 
     embeddings: torch.Tensor
     quality: torch.Tensor
     norm: torch.Tensor
+    plain: torch.Tensor
 
 
 @torch.no_grad()
@@ -110,20 +112,21 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    embeddings, quality, norms = [], [], []
+    embeddings, plain, quality = [], [], []
     try:
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].to(device)
             out = model(batch)
             emb = out.embedding.float()
-            norms.append(emb.norm(dim=1).cpu())
+            plain.append(emb.cpu())
             if flip:
                 emb = emb + model(batch.flip(3)).embedding.float()
             embeddings.append(emb.cpu())
             quality.append(out.quality.float().cpu())
     finally:
         model.train(was_training)
-    dim = model.embedding_size
     if not embeddings:
-        return Inference(torch.empty(0, dim), torch.empty(0), torch.empty(0))
-    return Inference(torch.cat(embeddings), torch.cat(quality), torch.cat(norms))
+        empty = torch.empty(0, model.embedding_size)
+        return Inference(empty, torch.empty(0), torch.empty(0), empty)
+    plain = torch.cat(plain)
+    return Inference(torch.cat(embeddings), torch.cat(quality), plain.norm(dim=1), plain)
