@@ -182,3 +182,31 @@ def test_backbone_config_override():
     assert backbone_config("r50", 224).feature_size == 14
     with pytest.raises(ValueError, match="input_size"):
         backbone_config("small", 20)
+
+
+def insightface_style_loss(embeddings, weight, labels, s=64.0, m=0.5):
+    """What arcface_torch's PartialFC_V2(CombinedMarginLoss(s, 1.0, m, 0.0)) computes with
+    sample_rate 1 on one rank, re-derived here: normalised linear, then under no_grad the target
+    logit becomes cos(θ + m) (so the gradient passes straight through), then scale and CE."""
+    logits = torch.nn.functional.linear(torch.nn.functional.normalize(embeddings),
+                                        torch.nn.functional.normalize(weight)).clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    with torch.no_grad():
+        theta = logits.arccos()
+        theta[rows, labels] += m
+        logits.copy_(theta.cos())
+    return torch.nn.functional.cross_entropy(logits * s, labels)
+
+
+def test_arcface_head_is_a_drop_in_for_insightface_partial_fc():
+    torch.manual_seed(0)
+    head = ArcFaceHead(32, 50, scale=64.0, margin=0.5, margin_mode="arcface_st")
+    emb = torch.randn(24, 32, requires_grad=True)
+    labels = torch.randint(0, 50, (24,))
+    ours = head(emb, labels)
+    g_ours = torch.autograd.grad(ours, (emb, head.weight))
+    theirs = insightface_style_loss(emb, head.weight, labels)
+    g_theirs = torch.autograd.grad(theirs, (emb, head.weight))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -123,9 +123,9 @@ class Trainer:
         self.config = config
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)
-        self._seed_everything(config.seed)
         self.dataset = build_dataset(config) if dataset is None else dataset
         self.num_classes = _num_classes(self.dataset)
+        self._seed_everything(config.seed)  # after the data, whose loading may draw random numbers
         # channels_last: measured faster for these convolutions on the CPU (mkldnn), and the
         # layout cuDNN wants for bf16 convolutions
         self.model = REEModel(config.model_config()).to(self.device, memory_format=torch.channels_last)
