@@ -104,8 +104,12 @@ def test_train_resume_eval_quality_export(tmp_path, image_folder, capsys):
     assert main(train_args(image_folder, split) + ["--resume", "--tau", "0.5"]) == 2
     assert "different run" in capsys.readouterr().err
 
-    # eval on the folder
+    # eval needs a held-out set for a checkpoint trained on a folder
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(straight / "last.pt")])
+    assert "held-out" in capsys.readouterr().err
+    # eval on the folder
     assert main(["eval", "--checkpoint", str(straight / "last.pt"), "--data", str(image_folder),
                  "--output", str(tmp_path / "eval")]) == 0
     assert "TAR@FAR" in capsys.readouterr().out

@@ -131,12 +131,19 @@ def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _command_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .evaluate import evaluate_checkpoint
 
     if args.pairs < 2:
         args.subparser.error("--pairs must be at least 2")
     output = args.output or args.checkpoint.parent / "eval"
-    summary = evaluate_checkpoint(args.checkpoint, output, data=args.data, device=args.device, num_pairs=args.pairs)
+    try:
+        summary = evaluate_checkpoint(args.checkpoint, output, data=args.data, device=args.device,
+                                      num_pairs=args.pairs)
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        args.subparser.error(str(err))
     print(summary)
     return 0
 

@@ -236,10 +236,14 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def evaluation_set(config: Any, data: Optional[str] = None):
-    """The set `ree eval` scores: the synthetic test split of the checkpoint's config (or of
-    `data="synthetic"`), else every image of an ImageFolder directory or a .rec file."""
+    """The set `ree eval` scores: the synthetic test split (held-out identities) for
+    `data="synthetic"` or a checkpoint trained on it, else every image of the ImageFolder
+    directory or .rec file `data` names (which must hold other images than the training set)."""
     from .train import build_dataset
 
+    if data is None and config.data != "synthetic":
+        raise ValueError(f"the checkpoint was trained on {config.data}: name a held-out evaluation set with data= "
+                         "(an ImageFolder directory or a .rec file) or data='synthetic'")
     source = config.data if data is None else data
     if source == "synthetic":
         from .data.synthetic import SyntheticConfig, generate
