@@ -39,6 +39,9 @@ class REELoss(nn.Module):
     centre), then `arcface_head` gives L_cls and the RI target ξ (detached) with that centre,
     then `ree_aux_loss` gives the three aux losses. L_MSE is 0 until a UI has been seen.
 
+    Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and unit weights, tuned once on the synthetic
+    validation identities (python/ree/TUNING.md).
+
     `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
     update, no aux losses; UIs, if any, still carry weight 0).
     """
@@ -52,7 +55,7 @@ class REELoss(nn.Module):
         margin: float = 0.5,
         margin_mode: str = "arcface",
         ri_form: str = "product",
-        tau: float = 0.2,
+        tau: float = 0.1,
         beta: float = 0.75,
         weights: Sequence[float] = (1.0, 1.0, 1.0),
         momentum: float = 0.99,
