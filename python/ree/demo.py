@@ -17,7 +17,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -141,7 +141,7 @@ def lfw_check(trainers: Dict[str, Tuple[Trainer, float]], image_size: int, seed:
 
 
 def erc_rows(ercs: Dict[str, Dict[str, Dict[str, ev.ErcResult]]], fmr: float) -> Tuple[List[str], List[List[Any]]]:
-    headers = ["recognizer", "quality", f"AUC recompute", f"pAUC recompute", f"AUC fixed", f"pAUC fixed"]
+    headers = ["recognizer", "quality", "AUC recompute", "pAUC recompute", "AUC fixed", "pAUC fixed"]
     rows = []
     for recognizer, modes in ercs.items():
         for quality in modes["recompute"]:

@@ -16,7 +16,6 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from . import checkpoint as ckpt
 from .data.arrays import to_tensor
