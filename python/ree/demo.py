@@ -202,6 +202,17 @@ def verdict(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
             + "; ".join(parts) + ".")
 
 
+def best_quality_sentence(ercs: Dict[str, Dict[str, Dict[str, ev.ErcResult]]], fmr: float) -> str:
+    """Which quality has the lowest ERC AUC, per recognizer and threshold mode."""
+    parts = []
+    for recognizer, modes in ercs.items():
+        for mode, results in modes.items():
+            ranked = sorted(results, key=lambda q: results[q].auc[fmr])
+            parts.append(f"{recognizer}'s pairs, {mode}: " + " < ".join(
+                f"{q} {results[q].auc[fmr]:.4f}" for q in ranked))
+    return "Lowest ERC AUC first (FMR 1e-2): " + "; ".join(parts) + "."
+
+
 def write_plots(out: Path, synthetic: Dict[str, Any], digits: Dict[str, Any]) -> List[Tuple[str, str]]:
     from .evaluation import plots
 
@@ -307,6 +318,7 @@ def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_row
                 "used for both recognizers), the recognizer's feature norm (MagFace/AdaFace style), ERS = 1 − cos to "
                 "the UI centre, and random. FMR 1e-2; both threshold modes (SPEC §7).")
     report.table(*erc_rows(synthetic["erc"], E.ERC_FMRS[0]))
+    report.text(best_quality_sentence(synthetic["erc"], E.ERC_FMRS[0]))
     for name in METHODS:
         for mode in E.THRESHOLD_MODES:
             report.heading(f"{name}'s pairs, threshold {mode}", 3)
