@@ -1,0 +1,225 @@
+"""`python -m ree` / `ree`: train | eval | quality | export | demo."""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .config import AMP_MODES, DEVICES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
+from .models.iresnet import BACKBONES
+
+_CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
+            "device": DEVICES, "arch": tuple(BACKBONES),
+            "margin_mode": ("arcface", "arcface_easy", "arcface_st", "cosface"),
+            "ri_form": ("product", "ratio", "sum"), "backend": ("auto", "reference", "cpu", "cuda", "triton")}
+
+
+def _optional_int(text: str) -> Optional[int]:
+    return None if text.lower() == "none" else int(text)
+
+
+def _key_value(text: str) -> tuple:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--batch-size for batch_size); unset flags stay unset,
+    so a --config file or a resumed checkpoint supplies them."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("run configuration (defaults: TrainConfig, or --config, or the resumed checkpoint)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind = hints[f.name]
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"(default: {default!r})"}
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "synthetic":
+            group.add_argument(flag, type=_key_value, action="append", metavar="KEY=VALUE",
+                               help="override a ree.data.synthetic.SyntheticConfig field (repeatable)",
+                               dest=f.name, default=argparse.SUPPRESS)
+        elif f.name == "milestones":
+            group.add_argument(flag, type=float, nargs="+", metavar="FRACTION", **kwargs)
+        elif kind == Optional[int]:
+            group.add_argument(flag, type=_optional_int, metavar="INT|none", **kwargs)
+        else:
+            group.add_argument(flag, type=kind, choices=_CHOICES.get(f.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ree", description="REE face recognition: training, evaluation, "
+                                     "quality scoring and ONNX export on the ree_kernels ops.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,quality,export,demo}")
+
+    train = sub.add_parser("train", help="train REE (or the ArcFace baseline with --method arcface)")
+    train.add_argument("--config", type=Path, help="a TrainConfig JSON file (flags override it)")
+    train.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                       help="continue a run bitwise; without a path, <output-dir>/last.pt")
+    _add_config_flags(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (SPEC §7)")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--output", type=Path, help="report directory (default: next to the checkpoint)")
+    evaluate.add_argument("--data", help="'synthetic' (its test split), an ImageFolder directory or a .rec file "
+                          "(every image); default: the checkpoint's training source")
+    evaluate.add_argument("--pairs", type=int, default=6000, help="verification pairs (fewer if the set is small)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+
+    quality = sub.add_parser("quality", help="score a folder of face images (CSV: path, quality, norm)")
+    quality.add_argument("--checkpoint", type=Path, required=True)
+    quality.add_argument("--images", type=Path, required=True, help="folder searched recursively for images")
+    quality.add_argument("--output", type=Path, required=True, help="CSV file to write")
+    quality.add_argument("--batch-size", type=int, default=256)
+    quality.add_argument("--device", choices=DEVICES, default="auto")
+
+    export = sub.add_parser("export", help="write ONNX (outputs: embedding, quality), checked with onnxruntime")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--output", type=Path, required=True)
+    export.add_argument("--opset", type=int, default=None)
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+
+    demo = sub.add_parser("demo", help="the README demo: synthetic data, REE vs ArcFace, report (~10 min)")
+    demo.add_argument("--output", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes less, numbers meaningless)")
+    for command in (train, evaluate, quality, export, demo):
+        command.set_defaults(subparser=command)  # its own usage line in errors
+    return parser
+
+
+def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if "synthetic" in overrides:
+        overrides["synthetic"] = dict(overrides["synthetic"])
+    base: Dict[str, Any] = {}
+    if args.config is not None:
+        base = TrainConfig.load(args.config).to_dict()
+    elif args.resume not in (None, "auto"):
+        from .checkpoint import load
+
+        base = dict(load(args.resume, required=("config",))["config"])
+    try:
+        return TrainConfig.from_dict({**base, **overrides})
+    except (TypeError, ValueError) as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .train import Trainer
+
+    config = _train_config(args, parser)
+    resume = args.resume
+    if resume == "auto":
+        resume = Path(config.output_dir) / "last.pt"
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, resume=resume)
+    config.save(Path(config.output_dir) / "config.json")
+    path = trainer.fit()
+    print(f"trained {trainer.step} steps; checkpoint {path}")
+    return 0
+
+
+def _command_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .evaluate import evaluate_checkpoint
+
+    if args.pairs < 2:
+        args.subparser.error("--pairs must be at least 2")
+    output = args.output or args.checkpoint.parent / "eval"
+    try:
+        summary = evaluate_checkpoint(args.checkpoint, output, data=args.data, device=args.device,
+                                      num_pairs=args.pairs)
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        args.subparser.error(str(err))
+    print(summary)
+    return 0
+
+
+def image_paths(folder: Path) -> List[Path]:
+    """Image files under `folder`, recursively, sorted."""
+    from .data.folders import IMAGE_EXTENSIONS
+
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import load_model
+    from .data.folders import load_images
+    from .models.ree_model import embed
+    from .train import resolve_device
+
+    if not args.images.is_dir():
+        parser.error(f"--images {args.images} is not a directory")
+    if args.batch_size <= 0:
+        parser.error("--batch-size must be positive")
+    paths = image_paths(args.images)
+    if not paths:
+        parser.error(f"--images {args.images} holds no image files")
+    device = resolve_device(args.device)
+    trained = load_model(args.checkpoint, device)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "quality", "feature_norm"])
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start:start + args.batch_size]
+            scores = embed(trained.model, load_images([str(p) for p in chunk], trained.model.input_size), flip=False)
+            for path, q, n in zip(chunk, scores.quality.tolist(), scores.norm.tolist()):
+                out.writerow([str(path.relative_to(args.images)), f"{q:.6f}", f"{n:.6f}"])
+    print(f"scored {len(paths)} images -> {args.output}")
+    return 0
+
+
+def _command_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .export import export_onnx
+
+    trained = load_model(args.checkpoint)
+    diffs = export_onnx(trained.model, args.output, opset=args.opset, check=not args.no_check)
+    checked = ", ".join(f"{k} max |onnx - torch| = {v:.2e}" for k, v in diffs.items()) or "not checked"
+    print(f"wrote {args.output} ({checked})")
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, quick=args.quick)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    try:
+        if args.command == "train":
+            return _command_train(args, args.subparser)
+        if args.command == "eval":
+            return _command_eval(args)
+        if args.command == "quality":
+            return _command_quality(args, args.subparser)
+        if args.command == "export":
+            return _command_export(args)
+        return _command_demo(args)
+    except CheckpointError as err:
+        print(f"ree {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`TrainConfig`: everything a training run is built from (saved in every checkpoint)."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from .models.iresnet import BACKBONES
+from .models.ree_model import ModelConfig
+
+METHODS = ("ree", "arcface")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+AMP_MODES = ("auto", "bf16", "off")
+DEVICES = ("auto", "cpu", "cuda")
+
+RESUME_MUTABLE = frozenset({"output_dir", "progress", "tensorboard", "log_every", "save_every", "workers"})
+"""Fields a resumed run may change: they do not affect the numbers."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `method="arcface"` is the plain ArcFace baseline on the same code path
+    (no UIs, no aux losses).
+
+    τ and the loss weights are not from the paper: τ = 0.1 with λ_L1 = λ_ID = λ_MSE = 1 came out
+    of one tuning run (`python -m ree.demo --tune`) on the synthetic set's validation
+    identities; python/ree/TUNING.md records the search and its scores. SPEC §1.9's τ = 0.2
+    was the starting point."""
+
+    # data
+    data: str = "synthetic"
+    synthetic: Dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = "runs/cache"
+    output_dir: str = "runs/train"
+    # model
+    arch: str = "small"
+    input_size: Optional[int] = None
+    embedding_size: Optional[int] = None
+    dropout: float = 0.0
+    prm_dropout: float = 0.1
+    # method and loss (SPEC §1, §3)
+    method: str = "ree"
+    scale: float = 64.0
+    margin: float = 0.5
+    margin_mode: str = "arcface"
+    ri_form: str = "product"
+    tau: float = 0.1
+    beta: float = 0.75
+    lambda_l1: float = 1.0
+    lambda_id: float = 1.0
+    lambda_mse: float = 1.0
+    tracker_momentum: float = 0.99
+    ui_fraction: float = 0.25
+    backend: str = "auto"
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    milestones: Tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    grad_clip: float = 5.0
+    amp: str = "auto"
+    # run
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    log_every: int = 20
+    save_every: int = 500
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(float(m) for m in self.milestones)
+        self.synthetic = dict(self.synthetic)
+        choices = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
+                   "device": DEVICES, "arch": tuple(BACKBONES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive_ints = ("steps", "batch_size", "log_every", "save_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "workers", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("lr", "scale", "beta"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)!r}")
+        for name in ("momentum", "weight_decay", "lambda_l1", "lambda_id", "lambda_mse", "grad_clip", "gamma"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("margin", "tau"):
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ui_fraction <= 1.0:
+            raise ValueError(f"ui_fraction must lie in [0, 1], got {self.ui_fraction!r}")
+        if not 0.0 <= self.tracker_momentum < 1.0:
+            raise ValueError(f"tracker_momentum must lie in [0, 1), got {self.tracker_momentum!r}")
+        if any(not 0.0 < m < 1.0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing fractions of steps in (0, 1), got {self.milestones!r}")
+        self.model_config()  # validates the model fields
+
+    @property
+    def baseline(self) -> bool:
+        return self.method == "arcface"
+
+    @property
+    def uis_per_batch(self) -> int:
+        """UIs appended to each batch of `batch_size` images (0 for the baseline)."""
+        return 0 if self.baseline else int(round(self.ui_fraction * self.batch_size))
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(arch=self.arch, input_size=self.input_size, embedding_size=self.embedding_size,
+                           dropout=self.dropout, prm_dropout=self.prm_dropout)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read config {path}: {err}") from err
+        if not isinstance(values, dict):
+            raise ValueError(f"config {path} must hold a JSON object")
+        return cls.from_dict(values)
+
+    def differences(self, other: "TrainConfig", ignore: frozenset = frozenset()) -> Dict[str, Tuple[Any, Any]]:
+        """{field: (self's, other's)} for every field that differs, except `ignore`d ones."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,120 @@
+"""`REELoss`: the REE training objective (SPEC §1) on the fused ops, and the ArcFace baseline."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+import ree_kernels
+from ree_kernels import UITracker
+
+from .models.arcface import ArcFaceHead
+
+
+class LossOutput(NamedTuple):
+    """`total` (differentiable) and its parts, for logging: `cls` L_cls (recognizable rows),
+    `l1` L_L1, `id` L_ID, `mse` L_MSE (unweighted), and per row the RI target `ri` and the
+    head's `cos_pos`, `cos_neg` (detached). In the baseline the three aux parts are 0."""
+
+    total: torch.Tensor
+    cls: torch.Tensor
+    l1: torch.Tensor
+    id: torch.Tensor
+    mse: torch.Tensor
+    ri: torch.Tensor
+    cos_pos: torch.Tensor
+    cos_neg: torch.Tensor
+
+
+class REELoss(nn.Module):
+    """L = L_cls + λ_L1·L_L1 + λ_ID·L_ID + λ_MSE·L_MSE (SPEC §1.9), with the UI bookkeeping.
+
+    Owns the ArcFace prototypes (`self.head`, an `ArcFaceHead`) and the `UITracker` (ū, μ_UI).
+    A batch holds recognizable rows and UIs (`is_ui`, SPEC §1.10): UIs get sample weight 0 in
+    L_cls and `recognizable=False` in L_ID and L_MSE; they feed ū, μ_UI and L_L1. A UI whose
+    label is `ignore_index` (a non-face crop) has no RI target, so it feeds ū and μ_UI only.
+
+    Per step: the tracker takes the batch's UIs first (so the very first batch already has a
+    centre), then `arcface_head` gives L_cls and the RI target ξ (detached) with that centre,
+    then `ree_aux_loss` gives the three aux losses. L_MSE is 0 until a UI has been seen.
+
+    Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and unit weights, tuned once on the synthetic
+    validation identities (python/ree/TUNING.md).
+
+    `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
+    update, no aux losses; UIs, if any, still carry weight 0).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        *,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        margin_mode: str = "arcface",
+        ri_form: str = "product",
+        tau: float = 0.1,
+        beta: float = 0.75,
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        momentum: float = 0.99,
+        ignore_index: int = -100,
+        baseline: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if len(weights) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
+            raise ValueError(f"weights must be three numbers >= 0 (λ_L1, λ_ID, λ_MSE), got {weights!r}")
+        if not isinstance(tau, (int, float)) or not isinstance(beta, (int, float)) or beta <= 0:
+            raise ValueError(f"tau must be a number and beta a positive number, got tau={tau!r}, beta={beta!r}")
+        self.head = ArcFaceHead(embedding_size, num_classes, scale=scale, margin=margin, margin_mode=margin_mode,
+                                ri_form=ri_form, ignore_index=ignore_index, backend=backend)
+        self.tracker = UITracker(embedding_size, momentum)
+        self.tau, self.beta, self.weights = float(tau), float(beta), tuple(float(w) for w in weights)
+        self.baseline = bool(baseline)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ri_pred: Optional[torch.Tensor] = None,
+        attn: Optional[torch.Tensor] = None,
+        is_ui: Optional[torch.Tensor] = None,
+    ) -> LossOutput:
+        """embeddings [B, D] (v), labels [B] int64, ri_pred [B] (ξ̂, the PRM output), attn
+        [B, D] (v^attn, the PAM output, or None for no L_MSE), is_ui [B] bool (None: no UIs).
+        ri_pred may be None only for the baseline."""
+        batch = embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0
+        if is_ui is None:
+            is_ui = torch.zeros(batch, dtype=torch.bool, device=embeddings.device)
+        if not isinstance(is_ui, torch.Tensor) or is_ui.dtype != torch.bool or is_ui.shape != (batch,):
+            raise ValueError(f"is_ui must be a bool tensor of shape [{batch}]")
+        recognizable = ~is_ui
+        if not self.baseline:
+            if ri_pred is None:
+                raise ValueError("ri_pred (the PRM output) is required unless baseline=True")
+            self.tracker.update(embeddings[is_ui].detach(), ri_pred[is_ui].detach())
+        center = None if self.baseline else self.tracker.center_or_none()
+        head = self.head(embeddings, labels, ui_center=center,
+                         sample_weight=recognizable.to(embeddings.dtype), return_stats=True)
+        zero = torch.zeros((), dtype=head.loss.dtype, device=head.loss.device)
+        if self.baseline:
+            return LossOutput(head.loss, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
+
+        has_target = labels != self.head.ignore_index
+        if not bool(has_target.any()):  # only unlabelled UIs: nothing has an RI target
+            return LossOutput(head.loss, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
+        rows = slice(None) if bool(has_target.all()) else has_target
+        use_attn = attn is not None and center is not None
+        sdt = head.ri.dtype  # the aux losses run in the head's statistics dtype (float32 under autocast)
+        aux = ree_kernels.ree_aux_loss(
+            ri_pred[rows].to(sdt), head.ri[rows], self.tracker.mu, tau=self.tau, beta=self.beta,
+            attn=attn[rows].to(sdt) if use_attn else None,
+            embeddings=embeddings[rows].detach().to(sdt) if use_attn else None,
+            ui_center=center.to(sdt) if use_attn else None,
+            recognizable=recognizable[rows], weights=self.weights, backend=self.head.backend,
+        )
+        total = head.loss + aux.total.to(head.loss.dtype)
+        return LossOutput(total, head.loss.detach(), aux.l1.detach(), aux.id.detach(), aux.mse.detach(),
+                          head.ri, head.cos_pos, head.cos_neg)

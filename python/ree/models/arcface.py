@@ -1,0 +1,100 @@
+"""`ArcFaceHead`: the class prototypes and the fused ArcFace loss, as one module."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import ree_kernels
+from ree_kernels import HeadOutput
+
+
+class ArcFaceHead(nn.Module):
+    """ArcFace (or CosFace) classification loss over `num_classes` learned prototypes, computed
+    by `ree_kernels.arcface_head` without materialising the B × C logits.
+
+    A drop-in for insightface arcface_torch's `PartialFC_V2(CombinedMarginLoss(...))` in a
+    single-process or DDP data-parallel loop (every rank holds all prototypes; no class
+    sampling, so it matches PartialFC with sample_rate=1.0)::
+
+        # insightface
+        margin_loss = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
+        module_partial_fc = PartialFC_V2(margin_loss, 512, num_classes, 1.0, False)
+        # ree
+        from ree.models import ArcFaceHead
+        module_partial_fc = ArcFaceHead(512, num_classes, scale=64.0, margin=0.5)
+
+        opt = torch.optim.SGD([{"params": backbone.parameters()},
+                               {"params": module_partial_fc.parameters()}], lr=0.1, momentum=0.9)
+        loss = module_partial_fc(backbone(images), labels)  # the same call, a scalar
+        loss.backward()
+
+    `forward(..., return_stats=True)` returns the whole `HeadOutput` (loss, cos_pos, cos_neg,
+    neg_index, cos_ui, ri, lse) instead. The prototypes are cast to the embeddings' dtype, so
+    the module works under autocast like PartialFC (it keeps float32 master weights).
+
+    Args:
+        embedding_size, num_classes: the prototypes are [num_classes, embedding_size],
+            initialised N(0, 0.01) as in insightface.
+        scale, margin, margin_mode: s, m and φ (SPEC §3); insightface's CombinedMarginLoss
+            (s, 1.0, m, 0.0) is `margin_mode="arcface_st"`, (s, 1.0, 0.0, m) is "cosface";
+            the default "arcface" is the classic insightface form with its fallback.
+        ignore_index: labels with this value add no loss (e.g. unlabelled crops).
+        backend: passed to the op ("auto": the fastest built kernel for the device).
+    """
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        *,
+        scale: float = 64.0,
+        margin: float = 0.5,
+        margin_mode: str = "arcface",
+        ri_form: str = "product",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if backend not in ree_kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {ree_kernels.BACKENDS}, got {backend!r}")
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        self.scale, self.margin, self.margin_mode = scale, margin, margin_mode
+        self.ri_form, self.ignore_index, self.backend = ri_form, ignore_index, backend
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ui_center: Optional[torch.Tensor] = None,
+        sample_weight: Optional[torch.Tensor] = None,
+        reduction: str = "mean",
+        return_stats: bool = False,
+    ) -> torch.Tensor | HeadOutput:
+        """The loss of [B, D] embeddings (any scale) with [B] int64 labels; see the class doc."""
+        if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
+            prototypes = self.weight.to(embeddings.dtype)
+        else:
+            prototypes = self.weight  # the op names the bad argument
+        if isinstance(labels, torch.Tensor) and labels.dtype in (torch.int32, torch.int16, torch.uint8):
+            labels = labels.long()
+        out = ree_kernels.arcface_head(
+            embeddings, prototypes, labels, ui_center,
+            scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
+            sample_weight=sample_weight, ignore_index=self.ignore_index, reduction=reduction,
+            backend=self.backend,
+        )
+        return out if return_stats else out.loss
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, scale={self.scale}, "
+                f"margin={self.margin}, margin_mode={self.margin_mode!r}, backend={self.backend!r}")

@@ -1,0 +1,132 @@
+"""`REEModel`: backbone + embedding head + PRM + PAM, and the inference helpers."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .heads import PAM, PRM, EmbeddingHead
+from .iresnet import BACKBONES, IResNet, backbone_config
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What `REEModel` is built from (saved in checkpoints, so a checkpoint rebuilds its model).
+
+    `input_size` None means the arch's own (32 for "small", 112 for the iResNets);
+    `embedding_size` None means 512, or 128 for "small" (its last stage has 128 channels and
+    a 512-d embedding only slows it on a CPU)."""
+
+    arch: str = "small"
+    input_size: Optional[int] = None
+    embedding_size: Optional[int] = None
+    dropout: float = 0.0
+    prm_dropout: float = 0.1
+    pam_reduction: int = 16
+
+    def __post_init__(self) -> None:
+        if self.arch not in BACKBONES:
+            raise ValueError(f"arch must be one of {tuple(BACKBONES)}, got {self.arch!r}")
+        backbone_config(self.arch, self.input_size)  # validates input_size
+        if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size <= 0):
+            raise ValueError(f"embedding_size must be a positive int, got {self.embedding_size!r}")
+        for name in ("dropout", "prm_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.pam_reduction, int) or self.pam_reduction <= 0:
+            raise ValueError(f"pam_reduction must be a positive int, got {self.pam_reduction!r}")
+
+    @property
+    def resolved_input_size(self) -> int:
+        return backbone_config(self.arch, self.input_size).input_size
+
+    @property
+    def resolved_embedding_size(self) -> int:
+        if self.embedding_size is not None:
+            return self.embedding_size
+        return 128 if self.arch == "small" else 512
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class ModelOutput(NamedTuple):
+    """`embedding` v [B, D] (not normalised), `feature_map` [B, C, h, w], `quality` ξ̂ [B]
+    (the PRM output), `attn` v^attn [B, D] (the PAM output)."""
+
+    embedding: torch.Tensor
+    feature_map: torch.Tensor
+    quality: torch.Tensor
+    attn: torch.Tensor
+
+
+class REEModel(nn.Module):
+    """Images [B, 3, S, S] normalised as (x/255 − 0.5)/0.5 -> `ModelOutput`."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+        super().__init__()
+        self.config = config
+        layout = backbone_config(config.arch, config.input_size)
+        dim = config.resolved_embedding_size
+        self.backbone = IResNet(layout)
+        self.head = EmbeddingHead(layout.feature_channels, layout.feature_size, dim, config.dropout)
+        self.prm = PRM(dim, config.prm_dropout)
+        self.pam = PAM(layout.feature_channels, dim, reduction=config.pam_reduction)
+
+    @property
+    def input_size(self) -> int:
+        return self.backbone.config.input_size
+
+    @property
+    def embedding_size(self) -> int:
+        return self.head.fc.out_features
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        feature_map = self.backbone(images)
+        embedding = self.head(feature_map)
+        return ModelOutput(embedding, feature_map, self.prm(embedding), self.pam(feature_map))
+
+
+class Inference(NamedTuple):
+    """What `embed` returns, float32 on the CPU: `embeddings` [N, D] (flip-fused when asked),
+    and of the image itself (unflipped): `plain` embeddings [N, D], `quality` ξ̂ [N] and the
+    feature `norm` ‖v‖ [N]."""
+
+    embeddings: torch.Tensor
+    quality: torch.Tensor
+    norm: torch.Tensor
+    plain: torch.Tensor
+
+
+@torch.no_grad()
+def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: int = 256) -> Inference:
+    """Runs `model` in eval mode over [N, 3, S, S] images in batches. With `flip`, the
+    embedding is the sum of the image's and its horizontal mirror's (insightface's flip
+    fusion); the quality and the norm come from the image itself."""
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    embeddings, plain, quality = [], [], []
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size].to(device)
+            out = model(batch)
+            emb = out.embedding.float()
+            plain.append(emb.cpu())
+            if flip:
+                emb = emb + model(batch.flip(3)).embedding.float()
+            embeddings.append(emb.cpu())
+            quality.append(out.quality.float().cpu())
+    finally:
+        model.train(was_training)
+    if not embeddings:
+        empty = torch.empty(0, model.embedding_size)
+        return Inference(empty, torch.empty(0), torch.empty(0), empty)
+    plain = torch.cat(plain)
+    return Inference(torch.cat(embeddings), torch.cat(quality), plain.norm(dim=1), plain)
