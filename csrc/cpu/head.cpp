@@ -586,7 +586,7 @@ std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const 
 
 // Blocks of rows against every class at once: the statistics, then the gradients of
 // Σ_i coef_i · loss_i in the same pass, three products per block. Prototypes not in T would be
-// converted whole and need a C × D accumulator in T: the caller avoids that (with_grad_op).
+// converted whole and need a C × D accumulator in T: head_forward_with_grad_cpu avoids that.
 template <typename scalar_t, typename T>
 std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t rows,
                                           const T* coef, const RowOutputs<T>& out) {
