@@ -27,20 +27,24 @@ def sources(pattern: str) -> list:
 def extension():
     with_cuda = torch.cuda.is_available() or flag("FORCE_CUDA", "0") == "1"
     with_cuda = with_cuda and CUDA_HOME is not None and flag("REE_SKIP_CUDA", "0") != "1"
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers; without
+    # it the extension's parallel loops run on one thread. The library then resolves libgomp.so.1
+    # to the one torch has already loaded (same soname), so both share one thread pool.
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
     if flag("REE_CPU_NATIVE", "1") == "1":
         cxx.append("-march=native")
     src = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return CppExtension("ree_kernels._C", src, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = [a for a in flag("REE_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     src += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
     return CUDAExtension("ree_kernels._C", src, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx + ["-DREE_WITH_CUDA"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DREE_WITH_CUDA"], "nvcc": nvcc},
+                         extra_link_args=["-fopenmp"])
 
 
 setup(

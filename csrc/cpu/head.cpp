@@ -14,6 +14,7 @@
 //   with_grad_pass:   blocks of rows against all classes at once, so that the lse is known before
 //                     the gradient: three products and no recompute.
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -226,6 +227,28 @@ struct RowState {
   int64_t nearest_index = -1;
   T cos_label = kNaN<T>;
   T phi = kNaN<T>;
+
+  // A candidate from classes after every one seen so far: an equal value keeps the earlier
+  // index; a NaN wins and then stays (torch.max).
+  void offer_nearest(T value, int64_t index) {
+    const bool have_nan = nearest != nearest;
+    if (index >= 0 && !have_nan && (value != value || value > nearest || nearest_index < 0)) {
+      nearest = value;
+      nearest_index = index;
+    }
+  }
+
+  // Appends the state of a range of classes that follows this one's.
+  void merge(const RowState& later) {
+    const T shift = max_logit > later.max_logit ? max_logit : later.max_logit;
+    sum = sum * fast_exp(max_logit - shift) + later.sum * fast_exp(later.max_logit - shift);
+    max_logit = shift;
+    offer_nearest(later.nearest, later.nearest_index);
+    if (later.cos_label == later.cos_label) {
+      cos_label = later.cos_label;
+      phi = later.phi;
+    }
+  }
 };
 
 // The nearest negative's cosine recomputed in one fixed order. BLAS rounds a product differently
@@ -308,12 +331,7 @@ void row_forward_chunk(RowState<T>& st, const T* x, const T* inv_w, int64_t n, i
   } else if (best_at >= 0) {
     best = exact_term(best_at);
   }
-  // Chunks come in increasing class order: an equal value later keeps the earlier index.
-  const bool have_nan = st.nearest != st.nearest;
-  if (best_at >= 0 && !have_nan && (best != best || best > st.nearest || st.nearest_index < 0)) {
-    st.nearest = best;
-    st.nearest_index = c0 + best_at;
-  }
+  st.offer_nearest(best, best_at < 0 ? -1 : c0 + best_at);
 }
 
 // Overwrites the chunk's raw dot products x with coef · ∂loss/∂cos_j · inv_w_j given the row's
@@ -361,10 +379,13 @@ struct RowOutputs {
 // Norms and the normalisation's backward (F.normalize with eps = kNormEps).
 // ---------------------------------------------------------------------------------------------
 
+// Rows of `length` per thread at least: a parallel region for less work costs more than it saves.
+int64_t rows_grain(int64_t length) { return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(length, 1)); }
+
 // ‖x_i‖², accumulated in double: the inverse norms then carry one rounding to T.
 template <typename scalar_t>
 void squared_norms(const scalar_t* x, int64_t rows, int64_t dim, double* out) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / dim), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_grain(dim), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = dot<double>(x + i * dim, x + i * dim, dim);
   });
 }
@@ -385,20 +406,23 @@ void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scal
 // The drivers.
 // ---------------------------------------------------------------------------------------------
 
-// Classes per chunk in forward_pass and backward_pass unless chunk_size says otherwise: large
-// enough for efficient products, small enough for the chunk of every row to stay in cache.
+// About this many classes per chunk in forward_pass and backward_pass unless chunk_size says
+// otherwise (the time is flat from 1024 to 4096 on one thread; docs/design.md).
 constexpr int64_t kClassChunk = 2048;
-// Rows per block of with_grad_pass: fewer rows make BLAS stream the prototypes from memory once
-// per block and the products slow down (docs/design.md); more rows cost rb × C workspace.
+// Rows per block of with_grad_pass: each block streams W through two products and T through
+// a third, so fewer rows are slower; more rows cost rb × C workspace (docs/design.md).
 constexpr int64_t kRowBlock = 128;
-// The with-gradient pass keeps rb × C cosines: it is used while this holds enough rows.
+// The rb × C cosines of with_grad_pass stay below this many elements (128 MB in float32); where
+// that leaves fewer than kRowBlock / 2 rows, chunks of classes are faster.
 constexpr int64_t kRowBlockElements = int64_t(1) << 25;
 
+// At most kRowBlock rows (fewer where rb × C would pass kRowBlockElements), in equal blocks.
 int64_t rows_per_block(int64_t batch, int64_t classes) {
-  return std::min({batch, kRowBlock, std::max<int64_t>(1, kRowBlockElements / classes)});
+  const int64_t most = std::min({batch, kRowBlock, std::max<int64_t>(1, kRowBlockElements / classes)});
+  const int64_t blocks = (batch + most - 1) / most;
+  return (batch + blocks - 1) / blocks;
 }
 
-int64_t parallel_grain(int64_t row_length) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_length, 1)); }
 
 // The inputs in the form every driver takes: normalised embeddings in the accumulation type
 // (B × D, small), the prototypes as given, the squared norms of both.
@@ -455,7 +479,7 @@ struct Prepared {
     const double* sqv = sq_v.data_ptr<double>();
     const scalar_t* v = emb.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, parallel_grain(dim), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, batch, rows_grain(dim), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* row = up + i * dim;
         const T a = static_cast<T>(inv_norm(sqv[i]));
@@ -470,7 +494,7 @@ struct Prepared {
   void prototype_grad(const T* t, int64_t c0, int64_t n, scalar_t* grad) const {
     const double* sq = sq_w.data_ptr<double>() + c0;
     const scalar_t* w = protos.data_ptr<scalar_t>() + c0 * dim;
-    at::parallel_for(0, n, parallel_grain(dim), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_grain(dim), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         normalize_backward(w + j * dim, sq[j], t + j * dim, grad + (c0 + j) * dim, dim);
       }
@@ -478,26 +502,44 @@ struct Prepared {
   }
 };
 
+// forward_pass and backward_pass give each thread one contiguous range of class chunks, with its
+// own buffers and single-threaded products (BLAS runs on one thread inside a parallel region),
+// and combine the ranges in class order at the end: one synchronisation per pass rather than
+// two per chunk, which on a loaded machine costs a scheduler wake-up each (docs/design.md).
+// The worker threads take the caller's thread-local state: the ATen calls there must also run
+// below autograd, as the op itself does.
+
 // Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp.
 template <typename scalar_t, typename T>
 void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out) {
-  std::vector<RowState<T>> states(in.batch);
-  Tensor w_buffer;
-  Tensor s_buffer = at::empty({in.batch * std::min(chunk, in.classes)}, in.v_hat.options());
+  const int64_t chunks = (in.classes + chunk - 1) / chunk;
+  std::vector<std::vector<RowState<T>>> ranges(chunks);  // filled at each range's first chunk
   const int64_t* labels = in.labels.template data_ptr<int64_t>();
   const T* inv_w = in.inv_w.template data_ptr<T>();
-  for (int64_t c0 = 0; c0 < in.classes; c0 += chunk) {
-    const int64_t n = std::min(chunk, in.classes - c0);
-    Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
-    at::mm_out(s, in.v_hat, in.prototype_chunk(c0, n, w_buffer).t());
-    const T* sp = s.data_ptr<T>();
-    at::parallel_for(0, in.batch, parallel_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard state(caller);
+    std::vector<RowState<T>>& states = ranges[first];
+    states.resize(in.batch);
+    Tensor w_buffer;
+    Tensor s_buffer = at::empty({in.batch * std::min(chunk, in.classes)}, in.v_hat.options());
+    for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
+      const int64_t n = std::min(chunk, in.classes - c0);
+      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+      at::mm_out(s, in.v_hat, in.prototype_chunk(c0, n, w_buffer).t());
+      const T* sp = s.data_ptr<T>();
+      for (int64_t i = 0; i < in.batch; ++i) {
         row_forward_chunk(states[i], sp + i * n, inv_w + c0, n, c0, p.label_in(labels[i], c0, n), in.exact(i, c0), p);
       }
-    });
+    }
+  });
+  for (int64_t i = 0; i < in.batch; ++i) {
+    RowState<T> st;
+    for (const auto& range : ranges) {
+      if (!range.empty()) st.merge(range[i]);
+    }
+    out.write(i, st, labels[i], p);
   }
-  for (int64_t i = 0; i < in.batch; ++i) out.write(i, states[i], labels[i], p);
 }
 
 // Gradients of Σ_i coef_i · loss_i given each row's lse; chunks of classes, recomputing the
@@ -506,36 +548,45 @@ template <typename scalar_t, typename T>
 std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk,
                                          const T* lse, const T* coef) {
   constexpr bool same = std::is_same<scalar_t, T>::value;
+  const int64_t chunks = (in.classes + chunk - 1) / chunk;
   Tensor grad_w = at::empty_like(in.protos);
-  Tensor u = at::zeros_like(in.v_hat);  // ∂L/∂v̂
-  const int64_t width = std::min(chunk, in.classes);
-  Tensor s_buffer = at::empty({in.batch * width}, in.v_hat.options());
-  Tensor t_buffer = same ? Tensor() : at::empty({width * in.dim}, in.v_hat.options());
-  Tensor w_buffer;
+  std::vector<Tensor> range_u(chunks);  // ∂L/∂v̂ of each range, at its first chunk
   const int64_t* labels = in.labels.template data_ptr<int64_t>();
   const T* inv_w = in.inv_w.template data_ptr<T>();
-  for (int64_t c0 = 0; c0 < in.classes; c0 += chunk) {
-    const int64_t n = std::min(chunk, in.classes - c0);
-    const Tensor wc = in.prototype_chunk(c0, n, w_buffer);
-    Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
-    at::mm_out(s, in.v_hat, wc.t());
-    T* sp = s.data_ptr<T>();
-    at::parallel_for(0, in.batch, parallel_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    const at::ThreadLocalStateGuard state(caller);
+    Tensor u = at::zeros_like(in.v_hat);
+    const int64_t width = std::min(chunk, in.classes);
+    Tensor s_buffer = at::empty({in.batch * width}, in.v_hat.options());
+    Tensor t_buffer = same ? Tensor() : at::empty({width * in.dim}, in.v_hat.options());
+    Tensor w_buffer;
+    for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
+      const int64_t n = std::min(chunk, in.classes - c0);
+      const Tensor wc = in.prototype_chunk(c0, n, w_buffer);
+      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+      at::mm_out(s, in.v_hat, wc.t());
+      T* sp = s.data_ptr<T>();
+      for (int64_t i = 0; i < in.batch; ++i) {
         row_grad_chunk(sp + i * n, inv_w + c0, n, p.label_in(labels[i], c0, n), lse[i], coef[i], in.exact(i, c0), p);
       }
-    });
-    u.addmm_(s, wc);
-    Tensor t = same ? grad_w.narrow(0, c0, n) : t_buffer.narrow(0, 0, n * in.dim).view({n, in.dim});
-    at::mm_out(t, s.t(), in.v_hat);
-    in.prototype_grad(t.data_ptr<T>(), c0, n, grad_w.data_ptr<scalar_t>());
+      u.addmm_(s, wc);
+      Tensor t = same ? grad_w.narrow(0, c0, n) : t_buffer.narrow(0, 0, n * in.dim).view({n, in.dim});
+      at::mm_out(t, s.t(), in.v_hat);
+      in.prototype_grad(t.data_ptr<T>(), c0, n, grad_w.data_ptr<scalar_t>());
+    }
+    range_u[first] = u;
+  });
+  Tensor u;
+  for (const Tensor& part : range_u) {
+    if (part.defined()) u = u.defined() ? u.add_(part) : part;
   }
   return {in.embedding_grad(u), grad_w};
 }
 
 // Blocks of rows against every class at once: the statistics, then the gradients of
 // Σ_i coef_i · loss_i in the same pass, three products per block. Prototypes not in T would be
-// converted whole and need a C × D accumulator in T: the caller avoids that (with_grad_op).
+// converted whole and need a C × D accumulator in T: head_forward_with_grad_cpu avoids that.
 template <typename scalar_t, typename T>
 std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t rows,
                                           const T* coef, const RowOutputs<T>& out) {
@@ -555,7 +606,7 @@ std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const
     Tensor s = s_buffer.narrow(0, 0, m * classes).view({m, classes});
     at::mm_out(s, v_block, w.t());
     T* sp = s.data_ptr<T>();
-    at::parallel_for(0, m, parallel_grain(classes), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, m, rows_grain(classes), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t i = r0 + k;
         const int64_t label_col = p.label_in(labels[i], 0, classes);
@@ -611,8 +662,12 @@ Tensor row_vector(const Tensor& x, const char* name, int64_t batch, at::ScalarTy
   return x.to(dtype).contiguous();
 }
 
+// chunk_size, or about kClassChunk classes such that every thread gets as many chunks.
 int64_t class_chunk(int64_t chunk_size, int64_t classes) {
-  return std::min(chunk_size > 0 ? chunk_size : kClassChunk, classes);
+  if (chunk_size > 0) return std::min(chunk_size, classes);
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = std::max<int64_t>(1, (classes + threads * kClassChunk / 2) / (threads * kClassChunk));
+  return std::max<int64_t>(1, (classes + threads * per_thread - 1) / (threads * per_thread));
 }
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
