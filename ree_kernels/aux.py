@@ -32,6 +32,7 @@ def register_aux_op(prefix: str) -> None:
     def setup_context(ctx, inputs, output):
         ri_pred, attn = inputs[0], inputs[3]
         ctx.save_for_backward(output[3], output[4], output[5])
+        ctx.mark_non_differentiable(*output[3:])  # the gradients computed in the forward
         ctx.dtypes = (ri_pred.dtype, None if attn is None else attn.dtype)
 
     def backward(ctx, grad_l1, grad_id, grad_mse, *_):

@@ -60,6 +60,7 @@ def register_head_ops(prefix: str) -> None:
         embeddings, prototypes, labels, scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs
         ctx.save_for_backward(embeddings, prototypes, labels, output[4])
         ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
+        ctx.mark_non_differentiable(*output[1:])  # the statistics
 
     def backward_forward(ctx, grad_loss_rows, *_):
         embeddings, prototypes, labels, lse = ctx.saved_tensors
@@ -69,6 +70,7 @@ def register_head_ops(prefix: str) -> None:
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
+        ctx.mark_non_differentiable(*output[1:])  # the statistics and the saved gradients
         # Only `loss` gets a gradient: materialising zeros for the others would allocate a C × D tensor.
         ctx.set_materialize_grads(False)
 

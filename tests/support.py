@@ -148,6 +148,7 @@ def compare_head(inputs: Dict, *, backend: str, dtype: torch.dtype, device: str 
     pt, pt_g = run_head(inputs, backend="reference", dtype=dtype, device=device, **options)
     gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, device=device, **options)
     assert ours.loss.dtype == reference.stat_dtype(dtype)
+    assert not any(t.requires_grad for t in ours[1:]), "only the loss may be differentiable"
     for field in ("loss", "cos_pos", "cos_neg", "cos_ui", "ri", "lse"):
         assert_spec_close(getattr(ours, field), getattr(pt, field), getattr(gt, field), FORWARD_TOL[dtype], field)
     check_nearest_negative(ours, gt, inputs, dtype)
