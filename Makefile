@@ -12,6 +12,7 @@ TORCH_INCLUDES = $$($(PY) -c 'from torch.utils.cpp_extension import include_path
 NVCC ?= nvcc
 CUDA_HOME ?= /usr/local/cuda
 REE_CUDA_ARCHS ?= 80;90
+REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 .PHONY: install test bench demo cuda-check cmake-build gpu-check clean
 
@@ -36,8 +37,11 @@ test: install
 bench: install
 	$(PY) benchmarks/run.py --suite cpu
 
+# The main job: synthetic VLR faces, REE and the ArcFace baseline trained with the same budget,
+# evaluated, the real-data checks, runs/demo/report.md. Idle OpenMP threads must not spin: on
+# a loaded 2-core machine spinning costs several times the training speed.
 demo: install
-	$(PY) benchmarks/run.py --suite demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree demo
 
 # Every .cu compiles to an object with nvcc (the kernels are torch-free), and every CUDA glue
 # .cpp passes a syntax check against torch's headers (it uses only device-generic ATen).
@@ -55,6 +59,21 @@ cuda-check: install
 	    $(TORCH_INCLUDES) $$($(PY) -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') $$f; \
 	done; \
 	echo "cuda-check: all CUDA sources compile"
+
+# On a CUDA machine (the device tool's H100/H200, whose python3 holds torch 2.11 and Triton):
+# build the CUDA extension, run every GPU test, run the GPU benchmarks; results under $OUT.
+# One command of a few minutes: `make gpu-check OUT=... REE_COMMIT=$(git rev-parse --short HEAD)`.
+GPU_PY ?= python3
+GPU_ARCHS ?= 90
+gpu-check:
+	@test -n "$(OUT)" || { echo "gpu-check: set OUT to the folder for the results"; exit 2; }
+	set -o pipefail; { \
+	  REE_CUDA_ARCHS="$(GPU_ARCHS)" MAX_JOBS="$${MAX_JOBS:-16}" \
+	    $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e . && \
+	  $(GPU_PY) -c "from ree_kernels import backends as b; print(sorted(b.CPP_KERNELS)); assert ('head', 'CUDA') in b.CPP_KERNELS" && \
+	  CUBLAS_WORKSPACE_CONFIG=:4096:8 $(GPU_PY) -m pytest -q -rf -m gpu -p no:cacheprovider tests; \
+	} 2>&1 | tee "$(OUT)/gpu-check.log"
+	REE_COMMIT="$(REE_COMMIT)" $(GPU_PY) benchmarks/run.py --suite gpu --out "$(OUT)"
 
 cmake-build: install
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
