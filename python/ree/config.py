@@ -27,7 +27,7 @@ class TrainConfig:
 
     τ and the loss weights are not from the paper: τ = 0.1 with λ_L1 = λ_ID = λ_MSE = 1 came out
     of one tuning run (`python -m ree.demo --tune`) on the synthetic set's validation
-    identities; python/ree/TUNING.md records the search and its scores. SPEC §1.9's τ = 0.2
+    identities; docs/tuning.md records the search and its scores. SPEC §1.9's τ = 0.2
     was the starting point."""
 
     # data

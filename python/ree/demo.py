@@ -299,7 +299,7 @@ def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_row
         f"{ree_config.uis_per_batch} synthesised UIs per batch and the auxiliary losses with τ={ree_config.tau:g}, "
         f"λ_L1={ree_config.lambda_l1:g}, λ_ID={ree_config.lambda_id:g}, λ_MSE={ree_config.lambda_mse:g} "
         "(chosen once by `python -m ree.demo --tune` on the validation identities, never the test ones: "
-        "python/ree/TUNING.md; the [R] parts of the method are reconstructions, see SPEC §1). Test: "
+        "docs/tuning.md; the [R] parts of the method are reconstructions, see SPEC §1). Test: "
         f"{demo.synthetic.num_test_ids} unseen identities × {demo.synthetic.test_per_id} images, "
         f"{demo.num_pairs} verification pairs, CMC with 20% of identities as gallery distractors.")
     report.heading("Summary")

@@ -40,7 +40,7 @@ class REELoss(nn.Module):
     then `ree_aux_loss` gives the three aux losses. L_MSE is 0 until a UI has been seen.
 
     Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and unit weights, tuned once on the synthetic
-    validation identities (python/ree/TUNING.md).
+    validation identities (docs/tuning.md).
 
     `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
     update, no aux losses; UIs, if any, still carry weight 0).
