@@ -52,6 +52,13 @@ def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, ma
     return torch.empty_like(embeddings), torch.empty_like(prototypes)
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True). A private torch query:
+    where it is missing, assume it does, which is always safe (and costs a C × D copy)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
 def register_head_ops(prefix: str) -> None:
     """Registers the fake kernels and the autograd of `ree::{prefix}head_*`."""
     backward_op = getattr(torch.ops.ree, f"{prefix}head_backward")
@@ -79,7 +86,7 @@ def register_head_ops(prefix: str) -> None:
             return (None,) * 10
         grad_e, grad_w = ctx.saved_tensors
         scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
-        if torch._C._autograd._get_current_graph_task_keep_graph():
+        if _graph_is_kept():
             # retain_graph=True (gradcheck, a second backward): the saved gradients must survive.
             grads = (grad_e * scale_e, grad_w * scale_w)
         else:
