@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (runs only where one exists)")
+    # Triton's interpreter evaluates tl.log in numpy, which warns on the log(0) = −inf of rows
+    # masked out of a tile; torch.compile's import of torch.jit warns about its own deprecation.
+    config.addinivalue_line("filterwarnings", "ignore:divide by zero encountered in log:RuntimeWarning")
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
