@@ -25,20 +25,12 @@
 #include <vector>
 
 #include "../common.h"
+#include "lanes.h"
 
 namespace ree {
 namespace {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------------
-// Row arithmetic the compiler vectorises. We do not compile with -ffast-math, so a loop that
-// adds into one scalar would stay scalar (floating-point addition may not be reassociated):
-// reductions keep kLanes partial results instead, combined in a fixed order, which also makes
-// them bitwise reproducible.
-// ---------------------------------------------------------------------------------------------
-
-constexpr int64_t kLanes = 16;
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -77,24 +69,6 @@ inline float fast_exp(float x) {
 
 // float64 runs the gradcheck-sized problems: libm's accuracy matters more than speed there.
 inline double fast_exp(double x) { return std::exp(x); }
-
-template <typename T>
-inline T sum_lanes(const T* acc) {
-  T total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
-  return total;
-}
-
-template <typename T, typename A, typename B>
-T dot(const A* a, const B* b, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<T>(a[d + k]) * static_cast<T>(b[d + k]);
-  }
-  for (; d < n; ++d) acc[d % kLanes] += static_cast<T>(a[d]) * static_cast<T>(b[d]);
-  return sum_lanes(acc);
-}
 
 // torch.clamp(r, −1, 1) and where its gradient passes (−1 ≤ r ≤ 1; not at NaN).
 template <typename T>

@@ -1,0 +1,31 @@
+// Row arithmetic the compiler vectorises, shared by the CPU kernels. We do not compile with
+// -ffast-math, so a loop that adds into one scalar would stay scalar (floating-point addition
+// may not be reassociated): reductions keep kLanes partial results instead, combined in a fixed
+// order, which also makes them bitwise reproducible.
+#pragma once
+
+#include <cstdint>
+
+namespace ree {
+
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+inline T sum_lanes(const T* acc) {
+  T total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
+}
+
+template <typename T, typename A, typename B>
+T dot(const A* a, const B* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<T>(a[d + k]) * static_cast<T>(b[d + k]);
+  }
+  for (; d < n; ++d) acc[d % kLanes] += static_cast<T>(a[d]) * static_cast<T>(b[d]);
+  return sum_lanes(acc);
+}
+
+}  // namespace ree
