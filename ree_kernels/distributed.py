@@ -489,6 +489,33 @@ def shard_state_dict(full: Mapping[str, Any], rank: int, world: int) -> Dict[str
             "_extra_state": {"num_classes": num_classes, "class_start": start, "class_stop": stop}}
 
 
+def gather_shard(shard: torch.Tensor, num_classes: int, *, process_group: Optional[dist.ProcessGroup] = None,
+                 dst: Optional[int] = 0) -> Optional[torch.Tensor]:
+    """The full [num_classes, ...] tensor from every rank's rows `shard_range(num_classes, rank,
+    world)` of it (the prototype shard, or optimiser state of the same rows), on rank `dst` of
+    the process group (None on the others), or on every rank with dst=None. A collective."""
+    group = _Group(process_group)
+    start, stop = shard_range(num_classes, group.rank, group.world)
+    if shard.dim() == 0 or shard.shape[0] != stop - start:
+        raise ValueError(f"shard has shape {tuple(shard.shape)}, but rank {group.rank} of {group.world} holds "
+                         f"the rows [{start}, {stop}) of {num_classes}")
+    if group.world == 1:
+        return shard
+    rows = -(-num_classes // group.world)
+    padded = shard.new_zeros((rows, *shard.shape[1:]))
+    padded[: stop - start] = shard
+    if dst is None:
+        gathered: Optional[torch.Tensor] = group.all_gather(padded)
+    else:
+        gathered = padded.new_empty((group.world, *padded.shape)) if group.rank == dst else None
+        dist.gather(padded, None if gathered is None else list(gathered.unbind(0)),
+                    group=process_group, group_dst=dst)
+    if gathered is None:
+        return None
+    sizes = [stop - start for start, stop in (shard_range(num_classes, r, group.world) for r in range(group.world))]
+    return torch.cat([gathered[r, :size] for r, size in enumerate(sizes)])
+
+
 def _check_range_before_loading(module: "ShardedArcFaceHead", state_dict, prefix, *_) -> None:
     """Checks the class range before load_state_dict copies a weight of the same shape."""
     if prefix + "_extra_state" in state_dict:
@@ -581,27 +608,12 @@ class ShardedArcFaceHead(nn.Module):
     def gather_state_dict(self, dst: Optional[int] = 0) -> Optional[Dict[str, Any]]:
         """The full state dict, on rank `dst` of the process group (None on the others), or on
         every rank with dst=None. A collective: every rank must call it."""
-        group = _Group(self.process_group)
-        mine = self.state_dict()
-        if group.world == 1:
-            return merge_state_dicts([mine])
-        rows = -(-self.num_classes // group.world)
-        padded = mine["weight"].new_zeros((rows, mine["weight"].shape[1]))
-        padded[: mine["weight"].shape[0]] = mine["weight"]
-        if dst is None:
-            gathered: Optional[torch.Tensor] = group.all_gather(padded)
-        else:
-            gathered = padded.new_empty((group.world, *padded.shape)) if group.rank == dst else None
-            dist.gather(padded, None if gathered is None else list(gathered.unbind(0)),
-                        group=self.process_group, group_dst=dst)
-        if gathered is None:
+        weight = gather_shard(self.state_dict()["weight"], self.num_classes, process_group=self.process_group,
+                              dst=dst)
+        if weight is None:
             return None
-        shards = []
-        for rank in range(group.world):
-            start, stop = shard_range(self.num_classes, rank, group.world)
-            shards.append({"weight": gathered[rank, : stop - start], "_extra_state": {
-                "num_classes": self.num_classes, "class_start": start, "class_stop": stop}})
-        return merge_state_dicts(shards)
+        return {"weight": weight, "_extra_state": {"num_classes": self.num_classes, "class_start": 0,
+                                                   "class_stop": self.num_classes}}
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.weight.shape[1]}, classes [{self.class_start}, {self.class_stop}) of "

@@ -23,6 +23,16 @@ def _optional_int(text: str) -> Optional[int]:
     return None if text.lower() == "none" else int(text)
 
 
+def _process_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of processes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _key_value(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -66,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="a TrainConfig JSON file (flags override it)")
     train.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                        help="continue a run bitwise; without a path, <output-dir>/last.pt")
+    train.add_argument("--nproc", type=_process_count, metavar="N",
+                       help="train in N processes on this machine (one per GPU; gloo on the CPU), launched "
+                            "through torch.distributed.run; --batch-size is the global batch")
     _add_config_flags(train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (SPEC §7)")
@@ -115,18 +128,60 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         raise  # unreachable: parser.error exits
 
 
-def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .train import Trainer
+def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    import torch
+
+    from .distributed import launch, launched_world, process_group_from_env
+    from .train import resolve_device
 
     config = _train_config(args, parser)
-    resume = args.resume
+    launched = launched_world()
+    if args.nproc is not None and launched is not None and args.nproc != launched:
+        parser.error(f"--nproc {args.nproc} in a run whose launcher started {launched} processes: leave --nproc out")
+    world = launched or args.nproc or 1
+    try:
+        config.check_world_size(world)
+        cuda = resolve_device(config.device).type == "cuda"
+    except ValueError as err:
+        parser.error(str(err))
+    if launched is None and world > 1:
+        if cuda and world > torch.cuda.device_count():
+            parser.error(f"--nproc {world} needs a GPU per process; torch sees {torch.cuda.device_count()}")
+        return launch(world, _without_nproc(argv))
+    with process_group_from_env(cuda) as ranks:
+        return _train(config, args.resume, ranks.leader)
+
+
+def _without_nproc(argv: Sequence[str]) -> List[str]:
+    """argv without --nproc N (or --nproc=N, or an abbreviation argparse accepts)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        flag = token.split("=", 1)[0]
+        if len(flag) > 3 and "--nproc".startswith(flag):
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def _train(config: TrainConfig, resume: Optional[str | Path], leader: bool) -> int:
+    """One process's training (every rank runs it; rank 0 writes the files and prints). A
+    function of its own, so that the trainer and its DDP model are gone when it returns."""
+    from .train import Trainer
+
     if resume == "auto":
         resume = Path(config.output_dir) / "last.pt"
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    if leader:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, resume=resume)
-    config.save(Path(config.output_dir) / "config.json")
+    if leader:
+        config.save(Path(config.output_dir) / "config.json")
     path = trainer.fit()
-    print(f"trained {trainer.step} steps; checkpoint {path}")
+    if leader:
+        print(f"trained {trainer.step} steps; checkpoint {path}")
     return 0
 
 
@@ -203,12 +258,13 @@ def _command_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError
 
     try:
         if args.command == "train":
-            return _command_train(args, args.subparser)
+            return _command_train(args, args.subparser, argv)
         if args.command == "eval":
             return _command_eval(args)
         if args.command == "quality":

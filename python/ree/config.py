@@ -28,7 +28,12 @@ class TrainConfig:
     τ and the loss weights are not from the paper: τ = 0.1 with λ_L1 = λ_ID = λ_MSE = 1 came out
     of one tuning run (`python -m ree.demo --tune`) on the synthetic set's validation
     identities; docs/tuning.md records the search and its scores. SPEC §1.9's τ = 0.2
-    was the starting point."""
+    was the starting point.
+
+    `batch_size` is the global batch: with N processes each takes batch_size / N images (and
+    uis_per_batch / N UIs), so a run's numbers and its learning rate do not depend on N.
+    `sync_bn` takes the BatchNorm statistics over all processes' rows (per process by default,
+    as insightface's arcface_torch does; no effect in one process)."""
 
     # data
     data: str = "synthetic"
@@ -71,6 +76,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"
+    sync_bn: bool = False
     workers: int = 0
     log_every: int = 20
     save_every: int = 500
@@ -94,6 +100,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.seed >= 2 ** 32:
+            raise ValueError(f"seed must be below 2**32 (it seeds the prototype init), got {self.seed}")
         for name in ("lr", "scale", "beta"):
             if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a finite positive number, got {getattr(self, name)!r}")
@@ -119,6 +127,14 @@ class TrainConfig:
     def uis_per_batch(self) -> int:
         """UIs appended to each batch of `batch_size` images (0 for the baseline)."""
         return 0 if self.baseline else int(round(self.ui_fraction * self.batch_size))
+
+    def check_world_size(self, world: int) -> None:
+        """ValueError unless `world` processes can share the global batch evenly (the same rows
+        and UIs on each, so that DDP's average of their aux losses is the global mean)."""
+        if self.batch_size % world or self.uis_per_batch % world:
+            raise ValueError(
+                f"batch_size={self.batch_size} (the global batch) and its {self.uis_per_batch} UIs "
+                f"(ui_fraction={self.ui_fraction}) must both be divisible by the {world} processes")
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(arch=self.arch, input_size=self.input_size, embedding_size=self.embedding_size,

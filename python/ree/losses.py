@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import ree_kernels
 from ree_kernels import UITracker
+from ree_kernels.distributed import ShardedArcFaceHead
 
 from .models.arcface import ArcFaceHead
 
@@ -44,6 +46,12 @@ class REELoss(nn.Module):
 
     `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
     update, no aux losses; UIs, if any, still carry weight 0).
+
+    `seed` fixes the prototype init (`ArcFaceHead(seed=...)`; None: the global RNG). With a
+    `process_group` the loss runs on each rank's rows of the global batch: the head is a
+    `ShardedArcFaceHead` over the group (this rank's classes; L_cls is the global batch's) and
+    the tracker sums the UI statistics over the ranks, so every rank keeps the same ū and μ_UI.
+    The aux losses stay means over this rank's rows (DDP averages them).
     """
 
     def __init__(
@@ -62,14 +70,22 @@ class REELoss(nn.Module):
         ignore_index: int = -100,
         baseline: bool = False,
         backend: str = "auto",
+        seed: Optional[int] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
     ) -> None:
         super().__init__()
         if len(weights) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
             raise ValueError(f"weights must be three numbers >= 0 (λ_L1, λ_ID, λ_MSE), got {weights!r}")
         if not isinstance(tau, (int, float)) or not isinstance(beta, (int, float)) or beta <= 0:
             raise ValueError(f"tau must be a number and beta a positive number, got tau={tau!r}, beta={beta!r}")
-        self.head = ArcFaceHead(embedding_size, num_classes, scale=scale, margin=margin, margin_mode=margin_mode,
-                                ri_form=ri_form, ignore_index=ignore_index, backend=backend)
+        options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
+                       ignore_index=ignore_index, backend=backend)
+        if process_group is None:
+            self.head = ArcFaceHead(embedding_size, num_classes, seed=seed, **options)
+        else:
+            self.head = ShardedArcFaceHead(embedding_size, num_classes, process_group=process_group,
+                                           seed=0 if seed is None else seed, **options)
+        self.process_group = process_group
         self.tracker = UITracker(embedding_size, momentum)
         self.tau, self.beta, self.weights = float(tau), float(beta), tuple(float(w) for w in weights)
         self.baseline = bool(baseline)
@@ -94,7 +110,7 @@ class REELoss(nn.Module):
         if not self.baseline:
             if ri_pred is None:
                 raise ValueError("ri_pred (the PRM output) is required unless baseline=True")
-            self.tracker.update(embeddings[is_ui].detach(), ri_pred[is_ui].detach())
+            self.tracker.update(embeddings[is_ui].detach(), ri_pred[is_ui].detach(), process_group=self.process_group)
         center = None if self.baseline else self.tracker.center_or_none()
         head = self.head(embeddings, labels, ui_center=center,
                          sample_weight=recognizable.to(embeddings.dtype), return_stats=True)
@@ -104,7 +120,14 @@ class REELoss(nn.Module):
 
         has_target = labels != self.head.ignore_index
         if not bool(has_target.any()):  # only unlabelled UIs: nothing has an RI target
-            return LossOutput(head.loss, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
+            total = head.loss
+            if self.process_group is not None:
+                # Under DDP the same parameters must take part on every rank (or the ranks launch
+                # their gradient all-reduces in different orders): the PRM and PAM, with weight 0.
+                total = total + 0.0 * ri_pred.sum()
+                if attn is not None and center is not None:
+                    total = total + 0.0 * attn.sum()
+            return LossOutput(total, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
         rows = slice(None) if bool(has_target.all()) else has_target
         use_attn = attn is not None and center is not None
         sdt = head.ri.dtype  # the aux losses run in the head's statistics dtype (float32 under autocast)

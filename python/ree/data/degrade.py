@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,10 +51,12 @@ def degrade(image: np.ndarray, resolution: int, rng: np.random.Generator,
     return np.asarray(picture.convert("RGB"))
 
 
-def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with one sigma (in pixels) per image, reflect padding."""
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, widest: float) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma (in pixels) per image, reflect padding, the taps
+    reaching 3 × `widest` (the largest sigma there can be, not the batch's: an image's blur then
+    does not depend on the others in its batch)."""
     n, c, h, w = images.shape
-    radius = max(1, min(int(math.ceil(3.0 * float(sigma.max()))), (min(h, w) - 1)))
+    radius = max(1, min(int(math.ceil(3.0 * widest)), (min(h, w) - 1)))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (taps[None, :] / sigma[:, None].clamp_min(1e-3)) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n*c, taps]
@@ -63,8 +66,35 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, h, w)
 
 
+class UIDraws(NamedTuple):
+    """The random numbers `synthesize_uis` uses for n images, as drawn (float32 uniforms for the
+    resolution, the blur and the noise level; standard normal noise [n, C, max_res, max_res]).
+    `rows(index)` takes some of them: a rank of a multi-process run draws for the whole batch
+    and keeps its own rows, so an image's UI does not depend on the number of ranks."""
+
+    resolution: torch.Tensor
+    blur: torch.Tensor
+    noise_level: torch.Tensor
+    noise: torch.Tensor
+
+    def rows(self, index) -> "UIDraws":
+        return UIDraws(*(x[index] for x in self))
+
+
+def draw_uis(n: int, channels: int = 3, generator: torch.Generator | None = None, *, max_res: int = 6,
+             device: torch.device | str | None = None) -> UIDraws:
+    """The draws of `synthesize_uis` for n images of `channels` channels, from `generator` (on
+    its device; the default generator on `device` when None)."""
+    if generator is not None:
+        device = generator.device
+    uniform = [torch.rand(n, generator=generator, device=device) for _ in range(3)]
+    noise = torch.randn((n, channels, max_res, max_res), generator=generator, device=device)
+    return UIDraws(*uniform, noise)
+
+
 def synthesize_uis(images: torch.Tensor, generator: torch.Generator | None = None, *,
-                   min_res: int = 4, max_res: int = 6, noise_std: float = 0.1) -> torch.Tensor:
+                   min_res: int = 4, max_res: int = 6, noise_std: float = 0.1,
+                   draws: UIDraws | None = None) -> torch.Tensor:
     """Unrecognizable instances (UIs) made from a batch; they keep the batch's labels.
 
     Reconstructed (SPEC §1.10 [R]): the paper builds its UIs by degrading training images until
@@ -74,28 +104,33 @@ def synthesize_uis(images: torch.Tensor, generator: torch.Generator | None = Non
     (in normalised units), then bilinear interpolation back to the input size, clamped to [-1, 1].
 
     images: float [N, 3, H, W] normalised to [-1, 1]; torch ops only, on the images' device.
-    Random draws come from `generator` (any device; the default generator when None).
+    Random draws come from `generator` (any device; the default generator when None), or are
+    the given `draws` (`draw_uis`, N rows, max_res wide): each image's UI depends only on its
+    own draws.
     """
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
         raise ValueError("images must be a floating tensor of shape [N, C, H, W], got "
                          f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
-    n, _, h, w = images.shape
+    n, channels, h, w = images.shape
     if not 1 <= min_res <= max_res <= min(h, w):
         raise ValueError(f"need 1 <= min_res <= max_res <= image size, got min_res={min_res}, "
                          f"max_res={max_res} for {h}x{w} images")
+    if draws is None:
+        draws = draw_uis(n, channels, generator, max_res=max_res, device=images.device)
+    elif draws.noise.shape != (n, channels, max_res, max_res):
+        raise ValueError(f"draws must hold {n} rows of noise [{channels}, {max_res}, {max_res}], "
+                         f"got {tuple(draws.noise.shape)}")
     if n == 0:
         return images.clone()
-    draw_device = generator.device if generator is not None else images.device
 
-    def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=draw_device).to(images.device, images.dtype)
+    def uniform(x: torch.Tensor) -> torch.Tensor:
+        return x.to(images.device, images.dtype)
 
-    res = min_res + (uniform(n) * (max_res - min_res + 1)).long().clamp_max(max_res - min_res)
-    sigma = (0.5 + 0.5 * uniform(n)) * min(h, w) / res.to(images.dtype)
-    blurred = _gaussian_blur(images, sigma)
-    noise_scale = noise_std * uniform(n)
-    noise = torch.randn((n, images.shape[1], max_res, max_res), generator=generator,
-                        device=draw_device).to(images.device, images.dtype)
+    res = min_res + (uniform(draws.resolution) * (max_res - min_res + 1)).long().clamp_max(max_res - min_res)
+    sigma = (0.5 + 0.5 * uniform(draws.blur)) * min(h, w) / res.to(images.dtype)
+    blurred = _gaussian_blur(images, sigma, widest=min(h, w) / min_res)
+    noise_scale = noise_std * uniform(draws.noise_level)
+    noise = draws.noise.to(images.device, images.dtype)
     out = torch.empty_like(images)
     for r in range(min_res, max_res + 1):
         rows = (res == r).nonzero().squeeze(1)

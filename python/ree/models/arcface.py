@@ -8,6 +8,7 @@ from torch import nn
 
 import ree_kernels
 from ree_kernels import HeadOutput
+from ree_kernels.distributed import init_prototypes
 
 
 class ArcFaceHead(nn.Module):
@@ -37,6 +38,9 @@ class ArcFaceHead(nn.Module):
     Args:
         embedding_size, num_classes: the prototypes are [num_classes, embedding_size],
             initialised N(0, 0.01) as in insightface.
+        seed: None draws the init from the global RNG (as insightface); an int takes it from
+            `ree_kernels.distributed.init_prototypes(..., seed=seed)`, the rows a
+            `ShardedArcFaceHead` of that seed starts from at any world size.
         scale, margin, margin_mode: s, m and φ (SPEC §3); insightface's CombinedMarginLoss
             (s, 1.0, m, 0.0) is `margin_mode="arcface_st"`, (s, 1.0, 0.0, m) is "cosface";
             the default "arcface" is the classic insightface form with its fallback.
@@ -55,6 +59,7 @@ class ArcFaceHead(nn.Module):
         ri_form: str = "product",
         ignore_index: int = -100,
         backend: str = "auto",
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
@@ -62,7 +67,10 @@ class ArcFaceHead(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if backend not in ree_kernels.BACKENDS:
             raise ValueError(f"backend must be one of {ree_kernels.BACKENDS}, got {backend!r}")
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        if seed is None:
+            self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        else:
+            self.weight = nn.Parameter(init_prototypes(num_classes, embedding_size, seed=seed))
         self.scale, self.margin, self.margin_mode = scale, margin, margin_mode
         self.ri_form, self.ignore_index, self.backend = ri_form, ignore_index, backend
 
