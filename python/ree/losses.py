@@ -41,7 +41,7 @@ class REELoss(nn.Module):
     centre), then `arcface_head` gives L_cls and the RI target ξ (detached) with that centre,
     then `ree_aux_loss` gives the three aux losses. L_MSE is 0 until a UI has been seen.
 
-    Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and unit weights, tuned once on the synthetic
+    Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and weights 0.5, tuned once on the synthetic
     validation identities (docs/tuning.md).
 
     `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
@@ -65,7 +65,7 @@ class REELoss(nn.Module):
         ri_form: str = "product",
         tau: float = 0.1,
         beta: float = 0.75,
-        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        weights: Sequence[float] = (0.5, 0.5, 0.5),
         momentum: float = 0.99,
         ignore_index: int = -100,
         baseline: bool = False,
