@@ -2,8 +2,7 @@
 cases, and the SPEC §5 comparison against the float64 reference."""
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import pytest
 import torch

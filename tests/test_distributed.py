@@ -5,24 +5,20 @@ timeout on every collective, so a broken rank fails the test instead of hanging 
 spawned group runs many cases, since starting the processes costs more than the cases."""
 from __future__ import annotations
 
-import datetime
-import multiprocessing
 import os
 import re
-import traceback
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
 from torch import nn
 
 from ree_kernels import arcface_head, reference
 from ree_kernels.backends import CPP_KERNELS, KERNEL_DTYPES, TRITON_USABLE
 from ree_kernels.distributed import (ShardedArcFaceHead, init_prototypes, merge_state_dicts, shard_range,
                                      shard_state_dict, sharded_arcface_head)
+from spawned import spawn
 from support import FORWARD_TOL, GRAD_TOL, check_nearest_negative, head_inputs, max_error, run_head
 
 # The local passes the sharded head is tested with: its eager one, and the kernel ops of every
@@ -30,46 +26,12 @@ from support import FORWARD_TOL, GRAD_TOL, check_nearest_negative, head_inputs, 
 # kernel suite, not this file, is what fails when the extension lacks it).
 LOCAL_BACKENDS = ("reference",) + (("triton",) if TRITON_USABLE else ()) + (
     ("cpu",) if ("head", "CPU") in CPP_KERNELS else ())
-COLLECTIVE_TIMEOUT_S = 60
 
 
-# --------------------------------------------------------------------------------------------
-# Spawning
-# --------------------------------------------------------------------------------------------
-
-def _entry(rank: int, world: int, run_dir: str, fn: Callable, args: tuple) -> None:
-    torch.set_num_threads(1)
-    # Unwritten output elements show up as NaN / INT_MAX (as conftest's poisoned_outputs does).
+def poison_outputs() -> None:
+    """Unwritten output elements show up as NaN / INT_MAX (as conftest's poisoned_outputs does)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    dist.init_process_group("gloo", init_method=f"file://{run_dir}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # no rank tears its connections down while a peer still reads from them
-    except BaseException:
-        with open(f"{run_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn: Callable, world: int, tmp_path, *args) -> None:
-    """Runs fn(rank, world, *args) in `world` fresh processes joined in a gloo group; a failure
-    fails the caller with the traceback of every rank that failed (a rank whose peer died
-    reports only the lost connection, so the first failure may not be the cause)."""
-    run_dir = tmp_path / f"{fn.__name__}-{world}"
-    run_dir.mkdir()
-    # A fork server that has imported torch once starts the ranks in a fraction of a second,
-    # where a fresh interpreter per rank spends seconds importing torch.
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "ree_kernels", __name__])
-    try:
-        mp.start_processes(_entry, args=(world, str(run_dir), fn, args), nprocs=world, start_method="forkserver")
-    except ProcessException:
-        reports = [f"--- rank {r} ---\n{(run_dir / f'rank{r}.err').read_text()}"
-                   for r in range(world) if (run_dir / f"rank{r}.err").exists()]
-        pytest.fail("\n".join(reports) or "a rank died without a Python traceback", pytrace=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,7 +186,7 @@ def comparison_worker(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_head_matches_single_process(tmp_path, world):
-    spawn(comparison_worker, world, tmp_path)
+    spawn(comparison_worker, world, tmp_path, setup=poison_outputs)
 
 
 def test_without_torch_distributed_is_one_rank():
@@ -349,8 +311,8 @@ def reshard_worker(rank: int, world: int, out_dir: str, old_world: int) -> None:
 
 
 def test_two_process_training_equals_one_process_and_reshards_to_three(tmp_path):
-    spawn(train_worker, 2, tmp_path, str(tmp_path))
-    spawn(reshard_worker, 3, tmp_path, str(tmp_path), 2)
+    spawn(train_worker, 2, tmp_path, str(tmp_path), setup=poison_outputs)
+    spawn(reshard_worker, 3, tmp_path, str(tmp_path), 2, setup=poison_outputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +366,7 @@ def error_worker(rank: int, world: int) -> None:
 
 
 def test_mismatches_raise_on_every_rank(tmp_path):
-    spawn(error_worker, 2, tmp_path)
+    spawn(error_worker, 2, tmp_path, setup=poison_outputs)
 
 
 # --------------------------------------------------------------------------------------------

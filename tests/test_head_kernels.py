@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ree_kernels import arcface_head, reference
-from support import (DTYPES, KERNEL_BACKENDS, cast, compare_head, head_inputs, head_shape,
+from ree_kernels import reference
+from support import (DTYPES, KERNEL_BACKENDS, compare_head, head_inputs, head_shape,
                      planted_tie_inputs, run_head)
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")

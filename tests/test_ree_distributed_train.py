@@ -8,71 +8,33 @@ in another order than one process does, which float64 keeps near 1e-15 relative.
 from __future__ import annotations
 
 import copy
-import datetime
-import gc
 import math
-import multiprocessing
 import os
 import re
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 
 from ree import checkpoint as ckpt
 from ree.cli import main
 from ree.config import TrainConfig
 from ree.distributed import CpuSyncBatchNorm
 from ree.train import Trainer
+from spawned import spawn
 
-COLLECTIVE_TIMEOUT_S = 60
 
 
-# --------------------------------------------------------------------------------------------
-# Spawning
-# --------------------------------------------------------------------------------------------
-
-def _entry(rank: int, world: int, run_dir: str, fn: Callable, args: tuple) -> None:
-    torch.set_num_threads(1)
+def float64_default() -> None:
     torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{run_dir}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        fn(rank, world, *args)
-        dist.barrier()  # no rank tears its connections down while a peer still reads from them
-    except BaseException:
-        with open(f"{run_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        traceback.clear_frames(sys.exc_info()[2])  # frees the trainers (their DDP models) first
-        raise
-    finally:
-        gc.collect()  # DDP objects must be gone before the group (torch 2.13 + gloo aborts otherwise)
-        dist.destroy_process_group()
-
-
-def spawn(fn: Callable, world: int, tmp_path: Path, *args) -> None:
-    """Runs fn(rank, world, *args) in `world` fresh processes joined in a gloo group; a failure
-    fails the caller with the traceback of every rank that failed."""
-    run_dir = tmp_path / f"{fn.__name__}-{world}"
-    run_dir.mkdir()
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "ree.train", __name__])
-    try:
-        mp.start_processes(_entry, args=(world, str(run_dir), fn, args), nprocs=world, start_method="forkserver")
-    except ProcessException:
-        reports = [f"--- rank {r} ---\n{(run_dir / f'rank{r}.err').read_text()}"
-                   for r in range(world) if (run_dir / f"rank{r}.err").exists()]
-        pytest.fail("\n".join(reports) or "a rank died without a Python traceback", pytrace=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +155,8 @@ def test_two_processes_train_like_one_and_checkpoints_resume_at_any_world_size(t
     data = TinyFaces()
     Trainer(config(tmp_path / "w1"), dataset=data).fit()
     Trainer(config(tmp_path / "b1", method="arcface", steps=3), dataset=data).fit()
-    spawn(world_two_runs, 2, tmp_path, str(tmp_path))
-    spawn(world_three_resume, 3, tmp_path, str(tmp_path))
+    spawn(world_two_runs, 2, tmp_path, str(tmp_path), setup=float64_default)
+    spawn(world_three_resume, 3, tmp_path, str(tmp_path), setup=float64_default)
     Trainer(config(tmp_path / "w1-from-w2"), dataset=data, resume=tmp_path / "w2-at-step2.pt").fit()
 
     ref = flat_state(tmp_path / "w1" / "last.pt")
@@ -284,7 +246,7 @@ def check_cpu_sync_batchnorm(rank: int, world: int) -> None:
 
 
 def test_errors_stop_every_rank_and_sync_batchnorm(tmp_path):
-    spawn(error_runs, 2, tmp_path, str(tmp_path))
+    spawn(error_runs, 2, tmp_path, str(tmp_path), setup=float64_default)
 
 
 # --------------------------------------------------------------------------------------------
