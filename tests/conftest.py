@@ -1,7 +1,9 @@
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (SPEC §5). The
 # variable must be set before Triton (or ree_kernels) is imported.
@@ -37,3 +39,17 @@ def poisoned_outputs():
     yield
     torch.use_deterministic_algorithms(previous)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """5 identities x 8 PNGs of 32x32: a per-identity pattern plus noise."""
+    root = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        base = rng.integers(0, 256, (32, 32, 3))
+        (root / f"id{k}").mkdir()
+        for j in range(8):
+            pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"id{k}" / f"{j}.png")
+    return root

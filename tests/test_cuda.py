@@ -143,29 +143,6 @@ def test_workspace_has_no_batch_by_classes_tensor():
     assert workspace < one_logit_matrix / 4, f"workspace {workspace / 2**20:.0f} MiB"
 
 
-def test_fullgraph_compile_on_cuda():
-    from test_compile import step
-
-    torch._dynamo.reset()
-    inputs = head_inputs(9, 21, 8, seed=86, device=DEVICE, ignored=2, weights=True)
-    aux = aux_inputs(9, 8, seed=87, device=DEVICE)
-
-    def run(fn):
-        emb = inputs["embeddings"].float().requires_grad_()
-        protos = inputs["prototypes"].float().requires_grad_()
-        pred = aux["ri_pred"].float().requires_grad_()
-        attn = aux["attn"].float().requires_grad_()
-        loss, idx, ri = fn(emb, protos, inputs["labels"], inputs["ui_center"].float(), inputs["sample_weight"].float(),
-                           pred, attn, aux["recognizable"], "cuda")
-        loss.backward()
-        return loss.detach(), idx, ri, emb.grad, protos.grad, pred.grad, attn.grad
-
-    eager = run(step)
-    compiled = run(torch.compile(step, fullgraph=True))
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, equal_nan=True)
-
-
 # ---- 64-bit offsets: C × D > 2^31 --------------------------------------------------------------
 
 LARGE_CLASSES, LARGE_DIM, LARGE_BATCH = 4_200_000, 512, 64

@@ -24,20 +24,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """5 identities x 8 PNGs of 32x32: a per-identity pattern plus noise."""
-    root = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for k in range(5):
-        base = rng.integers(0, 256, (32, 32, 3))
-        (root / f"id{k}").mkdir()
-        for j in range(8):
-            pixels = np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"id{k}" / f"{j}.png")
-    return root
-
-
 def train_args(folder, out, steps=4):
     return ["train", "--data", str(folder), "--output-dir", str(out), "--steps", str(steps), "--batch-size", "8",
             "--warmup-steps", "1", "--embedding-size", "16", "--no-progress", "--no-tensorboard", "--log-every", "1",

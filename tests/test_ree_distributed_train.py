@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 
 from ree import checkpoint as ckpt
@@ -252,20 +251,6 @@ def test_errors_stop_every_rank_and_sync_batchnorm(tmp_path):
 # --------------------------------------------------------------------------------------------
 # The launcher: ree train --nproc N
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """5 identities x 8 PNGs of 32x32."""
-    root = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for k in range(5):
-        base = rng.integers(0, 256, (32, 32, 3))
-        (root / f"id{k}").mkdir()
-        for j in range(8):
-            Image.fromarray(np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)).save(
-                root / f"id{k}" / f"{j}.png")
-    return root
-
 
 def train_args(folder: Path, out: Path) -> list:
     return ["train", "--data", str(folder), "--output-dir", str(out), "--steps", "3", "--batch-size", "8",

@@ -88,19 +88,25 @@ def _encode_record(payload: bytes) -> bytes:
     return bytes(out)
 
 
+def _record_header(file, path: str, offset: int) -> tuple[int, int]:
+    """(continuation flag, payload length) of the record header at `offset`; the file is left
+    at the payload."""
+    file.seek(offset)
+    head = file.read(8)
+    if len(head) < 8:
+        raise RecordIOError(f"{path}: truncated record at offset {offset} (end of file in the header)")
+    magic, lrecord = struct.unpack("<II", head)
+    if magic != MAGIC:
+        raise RecordIOError(f"{path}: bad magic 0x{magic:08x} at offset {offset} (expected 0x{MAGIC:08x}); "
+                            "not a RecordIO file, or the .idx offsets do not match it")
+    return lrecord >> 29, lrecord & _LENGTH_MASK
+
+
 def _read_record(file, path: str, offset: int) -> bytes:
     """The payload of the record starting at `offset`, its parts joined."""
     chunks = []
     while True:
-        file.seek(offset)
-        head = file.read(8)
-        if len(head) < 8:
-            raise RecordIOError(f"{path}: truncated record at offset {offset} (end of file in the header)")
-        magic, lrecord = struct.unpack("<II", head)
-        if magic != MAGIC:
-            raise RecordIOError(f"{path}: bad magic 0x{magic:08x} at offset {offset} (expected 0x{MAGIC:08x}); "
-                                "not a RecordIO file, or the .idx offsets do not match it")
-        flag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+        flag, length = _record_header(file, path, offset)
         data = file.read(length)
         if len(data) < length:
             raise RecordIOError(f"{path}: truncated record at offset {offset} ({len(data)} of {length} bytes)")
@@ -115,14 +121,7 @@ def _scan(file, path: str) -> list[int]:
     offsets, offset = [], 0
     size = os.fstat(file.fileno()).st_size
     while offset < size:
-        file.seek(offset)
-        head = file.read(8)
-        if len(head) < 8:
-            raise RecordIOError(f"{path}: truncated record at offset {offset} (end of file in the header)")
-        magic, lrecord = struct.unpack("<II", head)
-        if magic != MAGIC:
-            raise RecordIOError(f"{path}: bad magic 0x{magic:08x} at offset {offset} (expected 0x{MAGIC:08x})")
-        flag, length = lrecord >> 29, lrecord & _LENGTH_MASK
+        flag, length = _record_header(file, path, offset)
         if offset + 8 + length > size:
             raise RecordIOError(f"{path}: truncated record at offset {offset} "
                                 f"({size - offset - 8} of {length} bytes)")
