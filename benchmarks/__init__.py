@@ -1,1 +1,1 @@
-"""Benchmarks of the REE ops (SPEC §6): `python benchmarks/run.py --help`."""
+"""Benchmarks of the REE ops (docs/spec.md §6): `python benchmarks/run.py --help`."""

@@ -1,4 +1,4 @@
-"""Measuring one step (SPEC §6): its time over repeats and its workspace memory (SPEC §4).
+"""Measuring one step (docs/spec.md §6): its time over repeats and its workspace memory (docs/spec.md §4).
 
 A step is `prepare(i)` (untimed: picks input set i, or runs the forward when only the backward
 is timed) followed by `timed(x)`. Time: warm-up first (compiles, autotunes, lazy
@@ -72,7 +72,7 @@ def tensor_bytes(tensors: Iterable[Any]) -> int:
 
 
 def workspace_bytes(peak: int, before: int, returned: int) -> int:
-    """SPEC §4: the peak during the step, minus what was allocated before it and the returned
+    """docs/spec.md §4: the peak during the step, minus what was allocated before it and the returned
     gradients. Clamped at 0: an RSS reading can fall below the gradients' size when they reuse
     pages the process already held."""
     return max(0, peak - before - returned)

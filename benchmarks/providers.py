@@ -1,4 +1,4 @@
-"""What the benchmarks run (SPEC §6): the inputs, and each provider as a forward and a backward.
+"""What the benchmarks run (docs/spec.md §6): the inputs, and each provider as a forward and a backward.
 
 A provider is one way to compute a kernel: `floor` (the head's plain matrix products),
 `eager` (the reference backend: what a user writes without fused kernels), `compiled`

@@ -1,4 +1,4 @@
-"""What a benchmark run writes (SPEC §6): CSV rows, a JSON summary of ratios, a PNG per sweep,
+"""What a benchmark run writes (docs/spec.md §6): CSV rows, a JSON summary of ratios, a PNG per sweep,
 and the summary table printed at the end. Ratios are taken within one run only."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "B", "C", "D", "dtype", "
                "device", "commit", "timestamp")
 METRICS = ("time_ms", "peak_mem_mb")
 MEMORY_MODE = "full"
-"""Workspace is measured over forward and backward together, as SPEC §4 defines it."""
+"""Workspace is measured over forward and backward together, as docs/spec.md §4 defines it."""
 
 
 @dataclass(frozen=True)

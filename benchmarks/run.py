@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmarks of the REE ops against the matmul floor, eager PyTorch and torch.compile (SPEC §6).
+"""Benchmarks of the REE ops against the matmul floor, eager PyTorch and torch.compile (docs/spec.md §6).
 
     python benchmarks/run.py --suite cpu            # what `make bench` runs (< 10 min, 2 cores)
     python benchmarks/run.py --suite quick          # < 2 min subset (`make demo`: --suite demo)
@@ -397,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "cos_pos": args.cos_pos, "seed": args.seed, "grad_filter_eps": FILTER_EPS,
         "budget": asdict(budget),
         "workspace": "peak memory of forward+backward minus the memory before it and the returned "
-                     "gradients (SPEC §4); CPU: peak RSS in a fresh process; MB = 2**20 bytes",
+                     "gradients (docs/spec.md §4); CPU: peak RSS in a fresh process; MB = 2**20 bytes",
         "workspace_resolution_mb": resolution_mb,
         "ratios": report.ratios(run.results, resolution_mb),
         "approximation_errors": run.accuracy,
@@ -418,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for failure in run.failures:
         print(f"FAILED {failure}")
     print("wrote " + ", ".join(str(p) for p in written))
-    print(f"\n{label} on {device_name}, commit {commit}; p50 ms; work = workspace (SPEC §4) of fwd+bwd")
+    print(f"\n{label} on {device_name}, commit {commit}; p50 ms; work = workspace (docs/spec.md §4) of fwd+bwd")
     print(report.summary_table(run.results, resolution_mb))
     return 1 if run.failures else 0
 

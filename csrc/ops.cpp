@@ -1,5 +1,5 @@
 // The op schemas of torch.ops.ree (the contract is written out in ree_kernels/head.py and
-// ree_kernels/aux.py). Kernels register per device in csrc/cpu and csrc/cuda; the fake
+// ree_kernels/aux_loss.py). Kernels register per device in csrc/cpu and csrc/cuda; the fake
 // kernels and the autograd formulas are registered from Python through torch.library.
 #include <torch/library.h>
 

@@ -1,10 +1,10 @@
 """Fused kernels for recognizability-aware face recognition training (REE, CVPR 2023).
 
-Public ops (SPEC §2): `arcface_head`, `ree_aux_loss`, `recognizability_index`, `pam_target`,
+Public ops (docs/spec.md §2): `arcface_head`, `ree_aux_loss`, `recognizability_index`, `pam_target`,
 `UITracker`, and their outputs `HeadOutput`, `AuxOutput`. Each op takes
 `backend="auto" | "reference" | "cpu" | "cuda" | "triton"`.
 """
-from .aux import ree_aux_loss
+from .aux_loss import ree_aux_loss
 from .backends import BACKENDS, TRITON_USABLE
 from .head import arcface_head
 from .reference import AuxOutput, HeadOutput, pam_target, recognizability_index

@@ -1,4 +1,4 @@
-"""Which backend runs an op: availability, dtype support and the `auto` rule (SPEC §2).
+"""Which backend runs an op: availability, dtype support and the `auto` rule (docs/spec.md §2).
 
 Availability is read once, at import, into plain constants, so that torch.compile traces the
 choice as constant Python rather than breaking the graph on it."""

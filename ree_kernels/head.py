@@ -1,4 +1,4 @@
-"""`arcface_head`: the ArcFace loss with the REE statistics, on any backend (SPEC §2–§4).
+"""`arcface_head`: the ArcFace loss with the REE statistics, on any backend (docs/spec.md §2–§4).
 
 Every kernel backend implements three ops with one contract (schemas in csrc/ops.cpp; the
 Triton ones mirror them with a `triton_` prefix):
@@ -128,15 +128,15 @@ def arcface_head(
     chunk_size: int = 0,
     grad_filter_eps: float = 0.0,
 ) -> HeadOutput:
-    """ArcFace loss over normalised prototypes, with the REE per-row statistics (SPEC §2).
+    """ArcFace loss over normalised prototypes, with the REE per-row statistics (docs/spec.md §2).
 
     Args:
         embeddings: [B, D] backbone embeddings, not normalised.
         prototypes: [C, D] class prototypes (the ArcFace weight), not normalised.
         labels: [B] int64 class ids, or `ignore_index`.
         ui_center: [D] centre of the unrecognizable instances (UITracker.center), or None.
-        scale, margin, margin_mode: the ArcFace logit s·φ(cos) (SPEC §3).
-        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (SPEC §1.4).
+        scale, margin, margin_mode: the ArcFace logit s·φ(cos) (docs/spec.md §3).
+        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (docs/spec.md §1.4).
         sample_weight: [B] row weights (no gradient), or None for 1.
         reduction: "mean" (weighted, over rows not ignored) | "sum" | "none" ([B], weighted).
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".

@@ -1,4 +1,4 @@
-"""The REE ops in eager PyTorch: the specification in code (SPEC §1–§3).
+"""The REE ops in eager PyTorch: the specification in code (docs/spec.md §1–§3).
 
 Every other backend is tested against this module, and the benchmarks use it as the
 "eager" baseline: it is written the way a user would write it without fused kernels, and it
@@ -75,11 +75,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# ArcFace (SPEC §3)
+# ArcFace (docs/spec.md §3)
 # --------------------------------------------------------------------------------------------
 
 def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
-    """φ(cos θ): the target-class cosine after the additive margin (SPEC §3)."""
+    """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3)."""
     if mode == "cosface":
         return cos - margin
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN_EPS))
@@ -96,7 +96,7 @@ def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
 
 
 class ArcFaceLogits(NamedTuple):
-    """The B × C quantities of one ArcFace pass (SPEC §3), as the reference materialises them."""
+    """The B × C quantities of one ArcFace pass (docs/spec.md §3), as the reference materialises them."""
 
     cos: torch.Tensor  # [B, C] clamped cosines, in the statistics dtype
     target: torch.Tensor  # [B, C] bool: the label column of the rows that have one
@@ -116,7 +116,7 @@ def arcface_logits(
     margin_mode: str = "arcface",
     ignore_index: int = -100,
 ) -> ArcFaceLogits:
-    """The ArcFace logits of SPEC §3, differentiable with respect to both inputs. A row whose
+    """The ArcFace logits of docs/spec.md §3, differentiable with respect to both inputs. A row whose
     label is `ignore_index` or outside [0, C) has no target column: plain s·cos everywhere."""
     sdt = stat_dtype(embeddings.dtype)
     num_classes = prototypes.shape[0]
@@ -190,11 +190,11 @@ def reduce_rows(loss_rows: torch.Tensor, coef: torch.Tensor, reduction: str) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# REE statistics (SPEC §1)
+# REE statistics (docs/spec.md §1)
 # --------------------------------------------------------------------------------------------
 
 def cosine_to_ui(embeddings: torch.Tensor, ui_center: Optional[torch.Tensor]) -> torch.Tensor:
-    """cos between each embedding and the UI centre (SPEC §1.3); NaN without a centre."""
+    """cos between each embedding and the UI centre (docs/spec.md §1.3); NaN without a centre."""
     sdt = stat_dtype(embeddings.dtype)
     if ui_center is None:
         return torch.full(embeddings.shape[:1], math.nan, dtype=sdt, device=embeddings.device)
@@ -208,7 +208,7 @@ def recognizability_index(
     cos_ui: Optional[torch.Tensor] = None,
     form: str = "product",
 ) -> torch.Tensor:
-    """[R] The recognizability index ξ from the three distances of SPEC §1.1–§1.3.
+    """[R] The recognizability index ξ from the three distances of docs/spec.md §1.1–§1.3.
 
     Reconstructed: the paper describes ξ as rising with the distance to the UI centre (d^UI)
     and to the nearest negative prototype (d^N), and falling with the distance to the own
@@ -255,7 +255,7 @@ def arcface_head(
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> HeadOutput:
-    """The ArcFace head with the REE statistics (SPEC §2), eagerly. No input validation:
+    """The ArcFace head with the REE statistics (docs/spec.md §2), eagerly. No input validation:
     `ree_kernels.arcface_head` validates and then calls this or a kernel."""
     rows = arcface_rows(
         embeddings, prototypes, labels,
@@ -266,11 +266,11 @@ def arcface_head(
 
 
 # --------------------------------------------------------------------------------------------
-# Auxiliary losses (SPEC §1.5–§1.7)
+# Auxiliary losses (docs/spec.md §1.5–§1.7)
 # --------------------------------------------------------------------------------------------
 
 def smooth_l1(diff: torch.Tensor, beta: float) -> torch.Tensor:
-    """Huber-style smooth L1 of the RI regression error, per element (SPEC §1.5)."""
+    """Huber-style smooth L1 of the RI regression error, per element (docs/spec.md §1.5)."""
     return F.smooth_l1_loss(diff, torch.zeros_like(diff), beta=beta, reduction="none")
 
 
@@ -308,7 +308,7 @@ def ree_aux_loss(
     recognizable: Optional[torch.Tensor] = None,
     weights: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> AuxOutput:
-    """L1 RI regression, index diversion and PAM MSE (SPEC §2), eagerly. No validation."""
+    """L1 RI regression, index diversion and PAM MSE (docs/spec.md §2), eagerly. No validation."""
     sdt = stat_dtype(ri_pred.dtype)
     pred = ri_pred.to(sdt)
     mu = torch.as_tensor(mu_ui, dtype=sdt, device=pred.device)

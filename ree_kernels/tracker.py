@@ -1,4 +1,4 @@
-"""`UITracker`: the running UI centre ū and the running mean predicted RI of UIs μ_UI (SPEC §1.3, §1.6)."""
+"""`UITracker`: the running UI centre ū and the running mean predicted RI of UIs μ_UI (docs/spec.md §1.3, §1.6)."""
 from __future__ import annotations
 
 from typing import Optional

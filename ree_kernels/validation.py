@@ -1,4 +1,4 @@
-"""Input checks shared by every backend (SPEC §2): one function per op, errors that name the argument."""
+"""Input checks shared by every backend (docs/spec.md §2): one function per op, errors that name the argument."""
 from __future__ import annotations
 
 import math

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (SPEC §5). The
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (docs/spec.md §5). The
 # variable must be set before Triton (or ree_kernels) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 @pytest.fixture
 def poisoned_outputs():
     """Every torch.empty (Python or C++) is filled with NaN / the largest integer, so an output
-    element a kernel never wrote shows up in the comparison with the reference (SPEC §5)."""
+    element a kernel never wrote shows up in the comparison with the reference (docs/spec.md §5)."""
     previous = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,5 +1,5 @@
 """Shared by the test modules and the benchmarks: backends under test, inputs with planted
-cases, and the SPEC §5 comparison against the float64 reference."""
+cases, and the docs/spec.md §5 comparison against the float64 reference."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Sequence
@@ -31,7 +31,7 @@ DTYPES = {
     ("triton", "cuda"): (torch.float32, torch.bfloat16, torch.float16),
 }
 
-# SPEC §5: |ours − gt| ≤ 2·|pt − gt| + tol.
+# docs/spec.md §5: |ours − gt| ≤ 2·|pt − gt| + tol.
 FORWARD_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -134,7 +134,7 @@ def max_error(x: torch.Tensor, ref: torch.Tensor, what: str) -> float:
 
 
 def assert_spec_close(ours: torch.Tensor, pt: torch.Tensor, gt: torch.Tensor, tol: float, what: str) -> None:
-    """SPEC §5: max|ours − gt| ≤ 2·max|pt − gt| + tol."""
+    """docs/spec.md §5: max|ours − gt| ≤ 2·max|pt − gt| + tol."""
     err = max_error(ours, gt, what)
     bound = 2 * max_error(pt, gt, what + " (pt)") + tol
     assert err <= bound, f"{what}: max|ours − gt| = {err:.3e} > 2·max|pt − gt| + tol = {bound:.3e}"
@@ -142,7 +142,7 @@ def assert_spec_close(ours: torch.Tensor, pt: torch.Tensor, gt: torch.Tensor, to
 
 def compare_head(inputs: Dict, *, backend: str, dtype: torch.dtype, device: str = "cpu",
                  **options) -> None:
-    """Runs ours, pt and gt and holds every output and both gradients to SPEC §5."""
+    """Runs ours, pt and gt and holds every output and both gradients to docs/spec.md §5."""
     ours, ours_g = run_head(inputs, backend=backend, dtype=dtype, device=device, **options)
     pt, pt_g = run_head(inputs, backend="reference", dtype=dtype, device=device, **options)
     gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, device=device, **options)
@@ -157,7 +157,7 @@ def compare_head(inputs: Dict, *, backend: str, dtype: torch.dtype, device: str 
 
 
 def check_nearest_negative(ours, gt, inputs: Dict, dtype: torch.dtype) -> None:
-    """The cosine at the returned index is the maximum over the row's negatives (SPEC §5)."""
+    """The cosine at the returned index is the maximum over the row's negatives (docs/spec.md §5)."""
     idx = ours.neg_index.cpu()
     labels = inputs["labels"].cpu()
     assert bool((idx != labels).all()), "neg_index returned the label"

@@ -1,4 +1,4 @@
-"""The SPEC §5 suite for `ree_aux_loss`, shared by every kernel backend."""
+"""The docs/spec.md §5 suite for `ree_aux_loss`, shared by every kernel backend."""
 import pytest
 import torch
 

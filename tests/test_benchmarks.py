@@ -1,4 +1,4 @@
-"""The benchmark harness's logic (SPEC §6): statistics, workspace accounting, output schema,
+"""The benchmark harness's logic (docs/spec.md §6): statistics, workspace accounting, output schema,
 and a tiny end-to-end run. No timing is asserted."""
 import csv
 import json

@@ -1,6 +1,6 @@
 """`torch.compile(fullgraph=True)` over a training-step-like function calling both ops, on every
 kernel backend: the custom ops trace through their fake kernels and differentiate through their
-registered autograd (SPEC §2). One compile per backend: each costs ~30 s on this machine."""
+registered autograd (docs/spec.md §2). One compile per backend: each costs ~30 s on this machine."""
 import pytest
 import torch
 

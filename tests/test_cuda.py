@@ -1,4 +1,4 @@
-"""Checks specific to the C++ extension's CUDA kernels (csrc/cuda), beyond the shared SPEC §5
+"""Checks specific to the C++ extension's CUDA kernels (csrc/cuda), beyond the shared docs/spec.md §5
 suites: chunking and row splits, the documented deterministic mode, no host synchronisation,
 64-bit offsets, and no B × C workspace. Every test needs a GPU; the module imports without one."""
 import math
@@ -123,7 +123,7 @@ def test_bitwise_deterministic_across_processes_in_deterministic_mode():
 
 
 def test_workspace_has_no_batch_by_classes_tensor():
-    """SPEC §4: peak memory during forward + backward, minus the inputs and the returned
+    """docs/spec.md §4: peak memory during forward + backward, minus the inputs and the returned
     gradients, stays far below one B × C float32 tensor (an allocation bound, not a timing)."""
     batch, classes, dim = 1024, 200_000, 512
     g = torch.Generator(device=DEVICE).manual_seed(85)

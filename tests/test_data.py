@@ -32,7 +32,7 @@ def test_the_interface_train_and_eval_code_against():
 
     assert callable(ree.data.degrade.degrade) and callable(ree.data.degrade.synthesize_uis)
     assert {"SyntheticConfig", "SyntheticSplits", "generate"} <= set(vars(synthetic))
-    assert {"verification_pairs", "identification_protocol", "Protocol"} <= set(vars(ree.data.protocol))
+    assert {"verification_pairs", "identification_protocol", "IdentificationSplit"} <= set(vars(ree.data.protocol))
     assert {"ImageFolderDataset", "RecordIODataset", "load_images"} <= set(vars(ree.data.folders))
     assert {"lfw_faces_vs_nonfaces", "digits"} <= set(vars(ree.data.real))
     assert data.FaceArrays is FaceArrays and data.IGNORE_LABEL == -100

@@ -91,7 +91,7 @@ def objective(loss: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tens
 
 def assert_spec_close_to_any(ours: torch.Tensor, pts: Sequence[torch.Tensor], gt: torch.Tensor, tol: float,
                              what: str) -> None:
-    """SPEC §5, max|ours − gt| ≤ 2·max|pt − gt| + tol, with the pt farthest from gt."""
+    """docs/spec.md §5, max|ours − gt| ≤ 2·max|pt − gt| + tol, with the pt farthest from gt."""
     err = max_error(ours, gt, what)
     bound = 2 * max(max_error(pt, gt, what + " (pt)") for pt in pts) + tol
     assert err <= bound, f"{what}: max|ours − gt| = {err:.3e} > 2·max|pt − gt| + tol = {bound:.3e}"

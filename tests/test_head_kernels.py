@@ -1,4 +1,4 @@
-"""The SPEC §5 suite for `arcface_head`, shared by every kernel backend (C++ CPU, Triton in the
+"""The docs/spec.md §5 suite for `arcface_head`, shared by every kernel backend (C++ CPU, Triton in the
 interpreter here; CUDA and native Triton where a GPU exists)."""
 import math
 

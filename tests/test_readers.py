@@ -1,4 +1,4 @@
-"""ImageFolder and insightface RecordIO readers, on files written here (SPEC §7)."""
+"""ImageFolder and insightface RecordIO readers, on files written here (docs/spec.md §7)."""
 import io
 import os
 import pickle

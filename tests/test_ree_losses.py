@@ -1,4 +1,4 @@
-"""REELoss: the composition of SPEC §1 on the ops, where gradients flow, the baseline switch."""
+"""REELoss: the composition of docs/spec.md §1 on the ops, where gradients flow, the baseline switch."""
 import math
 
 import pytest
@@ -29,7 +29,7 @@ def make_loss(**kwargs):
 
 
 def hand_composition(loss, emb, ri_pred, attn, labels, is_ui, center, mu):
-    """SPEC §1 composed by hand from the reference ops, given the tracker's new state."""
+    """docs/spec.md §1 composed by hand from the reference ops, given the tracker's new state."""
     rec = ~is_ui
     head = reference.arcface_head(emb, loss.head.weight, labels, center, scale=16.0, margin=0.4,
                                   sample_weight=rec.double())

@@ -1,4 +1,4 @@
-"""The reference against an independent, naive per-row implementation written from SPEC §1–§3
+"""The reference against an independent, naive per-row implementation written from docs/spec.md §1–§3
 with Python floats and the math module (float64), plus gradchecks of the public ops."""
 import math
 
@@ -12,7 +12,7 @@ from support import aux_inputs, head_inputs
 def naive_phi(c: float, mode: str, m: float) -> float:
     if mode == "cosface":
         return c - m
-    # cos(θ + m) = c·cos m − sin θ·sin m, with SPEC's floor sin θ ≥ 1e-6 (docs/method.md).
+    # cos(θ + m) = c·cos m − sin θ·sin m, with the spec's floor sin θ ≥ 1e-6 (docs/method.md).
     shifted = c * math.cos(m) - math.sqrt(max(1 - c * c, 1e-12)) * math.sin(m)
     if mode == "arcface":
         return shifted if c > math.cos(math.pi - m) else c - m * math.sin(m)

@@ -1,6 +1,6 @@
 """Triton-specific tests: the margin formula, the class splits, the tile override
 (`chunk_size`), the gradient filter, and larger bf16/fp16 shapes on a GPU.
-The SPEC §5 suites (test_head_kernels.py, test_aux_kernels.py) cover the rest."""
+The docs/spec.md §5 suites (test_head_kernels.py, test_aux_kernels.py) cover the rest."""
 import math
 
 import pytest

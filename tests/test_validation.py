@@ -1,4 +1,4 @@
-"""Bad input raises the documented error naming the argument (SPEC §2), for every backend."""
+"""Bad input raises the documented error naming the argument (docs/spec.md §2), for every backend."""
 import math
 
 import pytest

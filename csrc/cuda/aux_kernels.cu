@@ -1,5 +1,5 @@
 // ree_aux_loss on CUDA, the device side: one warp per row computes the three per-row losses and
-// their gradients (reference.ree_aux_loss is the specification, csrc/cpu/aux.cpp the CPU twin),
+// their gradients (reference.ree_aux_loss is the specification, csrc/cpu/aux_loss.cpp the CPU twin),
 // then one block reduces the means in a fixed order. The recognizable count stays on the device.
 #include "device.cuh"
 

@@ -1,4 +1,4 @@
-// Torch-side helpers for the CUDA glue (head.cpp, aux.cpp). Device-generic ATen/c10 only: this
+// Torch-side helpers for the CUDA glue (head.cpp, aux_loss.cpp). Device-generic ATen/c10 only: this
 // torch build may lack c10/cuda's generated headers, so the stream comes through the device
 // guard interface, not at::cuda::getCurrentCUDAStream.
 #pragma once

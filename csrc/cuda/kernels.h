@@ -1,5 +1,5 @@
 // The CUDA kernels' launchers: torch-free (raw pointers, sizes, a stream), so that nvcc never
-// sees torch's headers, and CUDA-free, so that the glue (head.cpp, aux.cpp) compiles against
+// sees torch's headers, and CUDA-free, so that the glue (head.cpp, aux_loss.cpp) compiles against
 // torch's headers alone. Every launcher returns the launch's status (cudaGetLastError), which the
 // glue turns into an exception. Sizes and offsets are int64_t throughout: B × C and C × D pass
 // 2^31 at face-recognition scale.

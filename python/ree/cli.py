@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "through torch.distributed.run; --batch-size is the global batch")
     _add_config_flags(train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (SPEC §7)")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (docs/spec.md §7)")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--output", type=Path, help="report directory (default: next to the checkpoint)")
     evaluate.add_argument("--data", help="'synthetic' (its test split), an ImageFolder directory or a .rec file "
@@ -187,7 +187,7 @@ def _train(config: TrainConfig, resume: Optional[str | Path], leader: bool) -> i
 
 def _command_eval(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
-    from .evaluate import evaluate_checkpoint
+    from .evaluation.pipeline import evaluate_checkpoint
 
     if args.pairs < 2:
         args.subparser.error("--pairs must be at least 2")

@@ -27,7 +27,7 @@ class TrainConfig:
 
     τ and the loss weights are not from the paper: τ = 0.1 with λ_L1 = λ_ID = λ_MSE = 0.5 came out
     of one tuning run (`python -m ree.demo --tune`) on the synthetic set's validation
-    identities; docs/tuning.md records the search and its scores. SPEC §1.9's τ = 0.2
+    identities; docs/tuning.md records the search and its scores. docs/spec.md §1.9's τ = 0.2
     was the starting point.
 
     `batch_size` is the global batch: with N processes each takes batch_size / N images (and
@@ -46,7 +46,7 @@ class TrainConfig:
     embedding_size: Optional[int] = None
     dropout: float = 0.0
     prm_dropout: float = 0.1
-    # method and loss (SPEC §1, §3)
+    # method and loss (docs/spec.md §1, §3)
     method: str = "ree"
     scale: float = 64.0
     margin: float = 0.5

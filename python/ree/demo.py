@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import evaluate as E
+from .evaluation import pipeline as E
 from . import evaluation as ev
 from .config import TrainConfig
 from .data.synthetic import SyntheticConfig, generate
@@ -299,7 +299,7 @@ def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_row
         f"{ree_config.uis_per_batch} synthesised UIs per batch and the auxiliary losses with τ={ree_config.tau:g}, "
         f"λ_L1={ree_config.lambda_l1:g}, λ_ID={ree_config.lambda_id:g}, λ_MSE={ree_config.lambda_mse:g} "
         "(chosen once by `python -m ree.demo --tune` on the validation identities, never the test ones: "
-        "docs/tuning.md; the [R] parts of the method are reconstructions, see SPEC §1). Test: "
+        "docs/tuning.md; the [R] parts of the method are reconstructions, see docs/spec.md §1). Test: "
         f"{demo.synthetic.num_test_ids} unseen identities × {demo.synthetic.test_per_id} images, "
         f"{demo.num_pairs} verification pairs, CMC with 20% of identities as gallery distractors.")
     report.heading("Summary")
@@ -316,7 +316,7 @@ def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_row
     report.heading("Quality: error-versus-reject (ERC)")
     report.text("For each recognizer's pairs, the qualities compared: REE's ξ̂ (the PRM output of the REE model, "
                 "used for both recognizers), the recognizer's feature norm (MagFace/AdaFace style), ERS = 1 − cos to "
-                "the UI centre, and random. FMR 1e-2; both threshold modes (SPEC §7).")
+                "the UI centre, and random. FMR 1e-2; both threshold modes (docs/spec.md §7).")
     report.table(*erc_rows(synthetic["erc"], E.ERC_FMRS[0]))
     report.text(best_quality_sentence(synthetic["erc"], E.ERC_FMRS[0]))
     for name in METHODS:

@@ -1,4 +1,4 @@
-"""`REELoss`: the REE training objective (SPEC §1) on the fused ops, and the ArcFace baseline."""
+"""`REELoss`: the REE training objective (docs/spec.md §1) on the fused ops, and the ArcFace baseline."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
@@ -30,10 +30,10 @@ class LossOutput(NamedTuple):
 
 
 class REELoss(nn.Module):
-    """L = L_cls + λ_L1·L_L1 + λ_ID·L_ID + λ_MSE·L_MSE (SPEC §1.9), with the UI bookkeeping.
+    """L = L_cls + λ_L1·L_L1 + λ_ID·L_ID + λ_MSE·L_MSE (docs/spec.md §1.9), with the UI bookkeeping.
 
     Owns the ArcFace prototypes (`self.head`, an `ArcFaceHead`) and the `UITracker` (ū, μ_UI).
-    A batch holds recognizable rows and UIs (`is_ui`, SPEC §1.10): UIs get sample weight 0 in
+    A batch holds recognizable rows and UIs (`is_ui`, docs/spec.md §1.10): UIs get sample weight 0 in
     L_cls and `recognizable=False` in L_ID and L_MSE; they feed ū, μ_UI and L_L1. A UI whose
     label is `ignore_index` (a non-face crop) has no RI target, so it feeds ū and μ_UI only.
 

@@ -310,7 +310,7 @@ class Trainer:
             yield batch[0], batch[1].long()
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """Random horizontal flips, then `uis_per_batch` UIs (SPEC §1.10) synthesised from the
+        """Random horizontal flips, then `uis_per_batch` UIs (docs/spec.md §1.10) synthesised from the
         batch's first images and appended with their labels. -> (images, labels, is_ui).
 
         With N ranks, `images` are this rank's rows of the global batch (every N-th from the

@@ -1,4 +1,4 @@
-// The scalar formulas of SPEC §1 and §3, shared by the CPU (.cpp) and CUDA (.cu) kernels.
+// The scalar formulas of docs/spec.md §1 and §3, shared by the CPU (.cpp) and CUDA (.cu) kernels.
 // Torch-free on purpose: nvcc compiles it without torch's headers. The eager reference in
 // ree_kernels/reference.py is the specification; every function here names its counterpart.
 #pragma once

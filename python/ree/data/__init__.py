@@ -2,7 +2,7 @@
 
 - `synthetic`: the embedded default set, procedural very-low-resolution faces from a seed.
 - `protocol`: verification pairs and gallery / probe identification with distractors.
-- `degrade`: VLR degradation of one image, and the batch UI synthesis of SPEC §1.10 [R].
+- `degrade`: VLR degradation of one image, and the batch UI synthesis of docs/spec.md §1.10 [R].
 - `folders` / `recordio`: ImageFolder, insightface .rec/.idx (no mxnet), image files.
 - `real`: LFW faces vs non-faces (scikit-image) and 8x8 digits (scikit-learn), shipped data.
 """
@@ -12,14 +12,14 @@ from . import arrays, degrade, faces, folders, protocol, real, recordio, synthet
 from .arrays import IGNORE_LABEL, FaceArrays, to_tensor
 from .degrade import synthesize_uis
 from .folders import ImageFolderDataset, load_images
-from .protocol import Protocol, identification_protocol, verification_pairs
+from .protocol import IdentificationSplit, identification_protocol, verification_pairs
 from .real import digits, lfw_faces_vs_nonfaces
 from .recordio import RecordIODataset, RecordIOError, pack_payload, unpack_payload, write_recordio
 from .synthetic import SyntheticConfig, SyntheticSplits, generate
 
 __all__ = [
     "IGNORE_LABEL", "FaceArrays", "to_tensor", "synthesize_uis", "ImageFolderDataset",
-    "load_images", "Protocol", "identification_protocol", "verification_pairs", "digits",
+    "load_images", "IdentificationSplit", "identification_protocol", "verification_pairs", "digits",
     "lfw_faces_vs_nonfaces", "RecordIODataset", "RecordIOError", "pack_payload", "unpack_payload",
     "write_recordio", "SyntheticConfig", "SyntheticSplits", "generate",
 ]

@@ -1,4 +1,4 @@
-"""In-memory image sets and the one image normalisation used everywhere (SPEC §7)."""
+"""In-memory image sets and the one image normalisation used everywhere (docs/spec.md §7)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_LABEL = -100  # gallery distractors and unlabelled images (SPEC §7, ignore_index)
+IGNORE_LABEL = -100  # gallery distractors and unlabelled images (docs/spec.md §7, ignore_index)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -97,7 +97,7 @@ def synthesize_uis(images: torch.Tensor, generator: torch.Generator | None = Non
                    draws: UIDraws | None = None) -> torch.Tensor:
     """Unrecognizable instances (UIs) made from a batch; they keep the batch's labels.
 
-    Reconstructed (SPEC §1.10 [R]): the paper builds its UIs by degrading training images until
+    Reconstructed (docs/spec.md §1.10 [R]): the paper builds its UIs by degrading training images until
     they cannot be recognised; the exact recipe is not published. Here each image gets a
     Gaussian blur of the scale of the target pixel (sigma 0.5-1 target pixels), an area reduction
     to a size drawn in [min_res, max_res], Gaussian noise of standard deviation up to `noise_std`

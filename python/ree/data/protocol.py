@@ -1,5 +1,5 @@
 """Evaluation protocols over a labelled set: verification pairs and gallery / probe
-identification with distractors (SPEC §7). Negative labels mark unlabelled images."""
+identification with distractors (docs/spec.md §7). Negative labels mark unlabelled images."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -71,7 +71,9 @@ def verification_pairs(labels, num_pairs: int, seed: int = 0) -> tuple[np.ndarra
     return pairs[order, 0].astype(np.int64), pairs[order, 1].astype(np.int64), same[order]
 
 
-class Protocol(NamedTuple):
+class IdentificationSplit(NamedTuple):
+    """A gallery / probe split of a labelled set (`identification_protocol`)."""
+
     gallery_idx: np.ndarray  # int64 indices into the set
     gallery_labels: np.ndarray  # int64; IGNORE_LABEL (-100) for distractors
     probe_idx: np.ndarray
@@ -79,7 +81,7 @@ class Protocol(NamedTuple):
 
 
 def identification_protocol(labels, seed: int = 0, gallery_per_id: int = 1,
-                            distractor_fraction: float = 0.5) -> Protocol:
+                            distractor_fraction: float = 0.5) -> IdentificationSplit:
     """Open-set-style gallery / probe split scored as TinyFace is (CMC with distractors).
 
     A fraction `distractor_fraction` of the identities (rounded, at least one identity stays
@@ -112,5 +114,5 @@ def identification_protocol(labels, seed: int = 0, gallery_per_id: int = 1,
     gallery_labels = labels[gallery_idx]
     gallery_labels = np.where((gallery_labels < 0) | np.isin(gallery_labels, distractors),
                               IGNORE_LABEL, gallery_labels)
-    return Protocol(gallery_idx.astype(np.int64), gallery_labels.astype(np.int64),
+    return IdentificationSplit(gallery_idx.astype(np.int64), gallery_labels.astype(np.int64),
                     probe_idx.astype(np.int64), labels[probe_idx].astype(np.int64))

@@ -1,4 +1,4 @@
-"""insightface / MXNet RecordIO (.rec + .idx) read and written without mxnet (SPEC §7).
+"""insightface / MXNet RecordIO (.rec + .idx) read and written without mxnet (docs/spec.md §7).
 
 File format: a sequence of records, each `uint32 magic 0xced7230a`, `uint32 lrecord` (low 29
 bits: the length; high 3 bits: the part flag, 0 for a whole record, 1/2/3 for the first, middle

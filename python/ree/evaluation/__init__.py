@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §7): verification (ROC, TAR@FAR, k-fold accuracy), identification (CMC with
+"""Evaluation (docs/spec.md §7): verification (ROC, TAR@FAR, k-fold accuracy), identification (CMC with
 distractors), quality (ERC / EDC with AUC and pAUC, ranking AUC), resolution bins, markdown
 reports. Metrics use numpy only. Plots live in `ree.evaluation.plots` (matplotlib, Agg), imported
 on demand so the metrics stay light."""

@@ -1,4 +1,4 @@
-"""Face image quality: error-versus-reject curves (ERC / EDC, SPEC §7) and ranking AUC.
+"""Face image quality: error-versus-reject curves (ERC / EDC, docs/spec.md §7) and ranking AUC.
 
 ERC conventions, all recorded in `ErcResult`:
 - A pair's quality is the lower of its two images' qualities.

@@ -41,7 +41,7 @@ class ArcFaceHead(nn.Module):
         seed: None draws the init from the global RNG (as insightface); an int takes it from
             `ree_kernels.distributed.init_prototypes(..., seed=seed)`, the rows a
             `ShardedArcFaceHead` of that seed starts from at any world size.
-        scale, margin, margin_mode: s, m and φ (SPEC §3); insightface's CombinedMarginLoss
+        scale, margin, margin_mode: s, m and φ (docs/spec.md §3); insightface's CombinedMarginLoss
             (s, 1.0, m, 0.0) is `margin_mode="arcface_st"`, (s, 1.0, 0.0, m) is "cosface";
             the default "arcface" is the classic insightface form with its fallback.
         ignore_index: labels with this value add no loss (e.g. unlabelled crops).

@@ -26,8 +26,8 @@ class EmbeddingHead(nn.Module):
 
 
 class PRM(nn.Module):
-    """Perceptibility regression module (SPEC §1.5): ξ̂ = FC(Dropout(v)), one output per row.
-    Its output is the face quality score at inference (SPEC §1.11)."""
+    """Perceptibility regression module (docs/spec.md §1.5): ξ̂ = FC(Dropout(v)), one output per row.
+    Its output is the face quality score at inference (docs/spec.md §1.11)."""
 
     def __init__(self, embedding_size: int, dropout: float = 0.1) -> None:
         super().__init__()
@@ -64,7 +64,7 @@ class SpatialAttention(nn.Module):
 
 
 class PAM(nn.Module):
-    """[R] Perceptibility attention module (SPEC §1.7): CBAM-style channel attention
+    """[R] Perceptibility attention module (docs/spec.md §1.7): CBAM-style channel attention
     (reduction 16) then 7×7 spatial attention on the last feature map, average-pooled and
     projected to v^attn [B, D]. Trained by L_MSE towards the embedding with its UI-centre
     component removed. Reconstructed from the paper's prose (its layer sizes are not given)."""

@@ -1,4 +1,4 @@
-// ree_aux_loss on CUDA, the torch side (the contract is in ree_kernels/aux.py; the kernels in
+// ree_aux_loss on CUDA, the torch side (the contract is in ree_kernels/aux_loss.py; the kernels in
 // aux_kernels.cu). No host synchronisation: μ_UI and the recognizable count are read by the
 // kernels from device memory.
 #include <torch/library.h>

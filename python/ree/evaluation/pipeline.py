@@ -1,4 +1,4 @@
-"""Evaluation driver (SPEC §7): score a set with a model, then verification, identification and
+"""Evaluation driver (docs/spec.md §7): score a set with a model, then verification, identification and
 quality (ERC) overall and per resolution bin, with the ree.evaluation metrics and the ree.data
 protocols. `evaluate_checkpoint` is what `ree eval` runs; the demo composes the same pieces."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import evaluation as ev
-from .data import protocol as protocols
-from .data.degrade import synthesize_uis
-from .models.ree_model import REEModel, embed
+from .. import evaluation as ev
+from ..data import protocol as protocols
+from ..data.degrade import synthesize_uis
+from ..models.ree_model import REEModel, embed
 
 FARS = (1e-2, 1e-3)
 RANKS = (1, 5, 20)
@@ -53,7 +53,7 @@ def set_tensors(dataset: Any) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
 @torch.no_grad()
 def ui_center_from_images(model: REEModel, images: torch.Tensor, seed: int = 0, limit: int = 512) -> torch.Tensor:
     """ū for a model without a trained UI tracker (the ArcFace baseline): the mean normalised
-    embedding of UIs synthesised (SPEC §1.10) from up to `limit` of `images`."""
+    embedding of UIs synthesised (docs/spec.md §1.10) from up to `limit` of `images`."""
     generator = torch.Generator().manual_seed(seed)
     chosen = images[torch.randperm(images.shape[0], generator=generator)[:limit]]
     uis = synthesize_uis(chosen, generator=generator)
@@ -84,7 +84,7 @@ def bin_edges(resolutions: np.ndarray) -> List[int]:
 
 
 @dataclass
-class Protocol:
+class EvalProtocol:
     """Verification pairs (a, b, same) and the identification gallery/probe split of a set."""
 
     pair_a: np.ndarray
@@ -104,15 +104,15 @@ def max_pairs(labels: np.ndarray) -> int:
 
 
 def make_protocol(labels: np.ndarray, resolutions: np.ndarray, *, num_pairs: int = 6000, seed: int = 0,
-                  distractor_fraction: float = 0.2) -> Protocol:
+                  distractor_fraction: float = 0.2) -> EvalProtocol:
     """Verification pairs (`num_pairs`, fewer on a set too small for them) and the
     identification split with `distractor_fraction` of the identities as distractors."""
     a, b, same = protocols.verification_pairs(labels, min(num_pairs, max_pairs(labels)), seed)  # shuffled: folds mix both kinds
     ident = protocols.identification_protocol(labels, seed, gallery_per_id=1, distractor_fraction=distractor_fraction)
-    return Protocol(np.asarray(a), np.asarray(b), np.asarray(same, dtype=bool), ident, bin_edges(resolutions))
+    return EvalProtocol(np.asarray(a), np.asarray(b), np.asarray(same, dtype=bool), ident, bin_edges(resolutions))
 
 
-def pair_scores(scored: Scored, protocol: Protocol) -> np.ndarray:
+def pair_scores(scored: Scored, protocol: EvalProtocol) -> np.ndarray:
     e = scored.embeddings / np.linalg.norm(scored.embeddings, axis=1, keepdims=True).clip(1e-12)
     return np.einsum("ij,ij->i", e[protocol.pair_a], e[protocol.pair_b])
 
@@ -126,7 +126,7 @@ def _safe(fn, *args, **kwargs) -> float:
     return out
 
 
-def recognition(scored: Scored, labels: np.ndarray, resolutions: np.ndarray, protocol: Protocol) -> Dict[str, Any]:
+def recognition(scored: Scored, labels: np.ndarray, resolutions: np.ndarray, protocol: EvalProtocol) -> Dict[str, Any]:
     """Verification (TAR@FAR, 10-fold accuracy) and identification (CMC) overall and per bin
     (pairs binned by the lower resolution of the two, probes by their own)."""
     scores, same = pair_scores(scored, protocol), protocol.same
@@ -160,7 +160,7 @@ def recognition(scored: Scored, labels: np.ndarray, resolutions: np.ndarray, pro
     return result
 
 
-def quality_ercs(scores: np.ndarray, protocol: Protocol, qualities: Mapping[str, np.ndarray], *,
+def quality_ercs(scores: np.ndarray, protocol: EvalProtocol, qualities: Mapping[str, np.ndarray], *,
                  seed: int = 0) -> Dict[str, Dict[str, "ev.ErcResult"]]:
     """{threshold_mode: {quality name: ErcResult}} on these pair scores, with a random
     quality as the floor every real one should beat."""
@@ -239,14 +239,14 @@ def evaluation_set(config: Any, data: Optional[str] = None):
     """The set `ree eval` scores: the synthetic test split (held-out identities) for
     `data="synthetic"` or a checkpoint trained on it, else every image of the ImageFolder
     directory or .rec file `data` names (which must hold other images than the training set)."""
-    from .train import build_dataset
+    from ..train import build_dataset
 
     if data is None and config.data != "synthetic":
         raise ValueError(f"the checkpoint was trained on {config.data}: name a held-out evaluation set with data= "
                          "(an ImageFolder directory or a .rec file) or data='synthetic'")
     source = config.data if data is None else data
     if source == "synthetic":
-        from .data.synthetic import SyntheticConfig, generate
+        from ..data.synthetic import SyntheticConfig, generate
 
         size = config.model_config().resolved_input_size
         return generate(SyntheticConfig(**{"image_size": size, **config.synthetic}), cache_dir=config.cache_dir).test
@@ -257,9 +257,9 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, data: Opt
                         device: str = "auto", num_pairs: int = 6000, seed: int = 0) -> str:
     """`ree eval`: scores the evaluation set with the checkpoint's model and writes
     output/report.md, output/metrics.json and the plots; returns the main table (markdown)."""
-    from .checkpoint import load_model
-    from .evaluation import plots
-    from .train import resolve_device
+    from ..checkpoint import load_model
+    from . import plots
+    from ..train import resolve_device
 
     output = Path(output)
     trained = load_model(checkpoint, resolve_device(device))

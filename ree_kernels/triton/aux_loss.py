@@ -1,7 +1,7 @@
 """`ree::triton_aux_forward`: the REE auxiliary losses and their gradients in Triton.
 
-The contract is ree_kernels/aux.py's; the semantics are `reference.ree_aux_loss`, and
-csrc/cpu/aux.cpp is the same pass in C++. Two kernels: `_aux_rows_kernel` computes each row's
+The contract is ree_kernels/aux_loss.py's; the semantics are `reference.ree_aux_loss`, and
+csrc/cpu/aux_loss.cpp is the same pass in C++. Two kernels: `_aux_rows_kernel` computes each row's
 three losses and gradients (a program per block of rows, the whole embedding row in
 registers), `_aux_means_kernel` sums the rows in a fixed order (deterministic means).
 """
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..aux import register_aux_op
+from ..aux_loss import register_aux_op
 
 _NORM_EPS = tl.constexpr(reference.NORM_EPS)
 ROW_ELEMENTS = 8192
@@ -56,23 +56,23 @@ def _aux_rows_kernel(pred_ptr, target_ptr, mu_ptr, keep_ptr, kept_ptr, attn_ptr,
         kept = B * 1.0
     per_kept = tl.where(kept > 0, 1.0 / tl.maximum(kept, 1.0), 0.0)
 
-    # SPEC §1.5: smooth L1 of the RI regression, mean over all rows.
+    # docs/spec.md §1.5: smooth L1 of the RI regression, mean over all rows.
     l1, l1_grad = _smooth_l1(pred - target, beta)
     tl.store(l1_ptr + rows, l1, mask=row_ok)
     tl.store(grad_l1_ptr + rows, l1_grad / B, mask=row_ok)
-    # SPEC §1.6 [R], reference.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
+    # docs/spec.md §1.6 [R], reference.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
     gap = mu + tau - pred
     hinge = tl.maximum(gap, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(id_ptr + rows, tl.where(keep, hinge, 0.0), mask=row_ok)
     tl.store(grad_id_ptr + rows, tl.where(keep & (gap > 0.0), -per_kept, 0.0), mask=row_ok)
 
     if HAS_ATTN:
-        # SPEC §1.7 [R], reference.pam_target: v̇ = normalize(v̂ − (v̂·û)û), then (attn − v̇)².
+        # docs/spec.md §1.7 [R], reference.pam_target: v̇ = normalize(v̂ − (v̂·û)û), then (attn − v̇)².
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         tile = rows.to(tl.int64)[:, None] * D + cols[None, :]
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        # Same order of operations as csrc/cpu/aux.cpp: v̂·û from the raw dot products.
+        # Same order of operations as csrc/cpu/aux_loss.cpp: v̂·û from the raw dot products.
         attn = tl.load(attn_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         v = tl.load(emb_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         u = tl.load(ui_ptr + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)

@@ -1,4 +1,4 @@
-"""`ree_aux_loss`: RI regression, index diversion and PAM losses in one pass (SPEC §1.5–§1.7, §2).
+"""`ree_aux_loss`: RI regression, index diversion and PAM losses in one pass (docs/spec.md §1.5–§1.7, §2).
 
 Every kernel backend implements one op (schema in csrc/ops.cpp; Triton's is `triton_aux_forward`):
 `aux_forward(ri_pred, ri_target, mu_ui, attn?, embeddings?, ui_center?, recognizable?, tau,
@@ -64,7 +64,7 @@ def ree_aux_loss(
     weights: Sequence[float] = (1.0, 1.0, 1.0),
     backend: str = "auto",
 ) -> AuxOutput:
-    """The REE auxiliary losses (SPEC §1.5–§1.7) in one pass.
+    """The REE auxiliary losses (docs/spec.md §1.5–§1.7) in one pass.
 
     Args:
         ri_pred: [B] the PRM's predicted RI ξ̂ (receives gradients).

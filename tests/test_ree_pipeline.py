@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ree import evaluate as E
+from ree.evaluation import pipeline as E
 from ree.models import ModelConfig, REEModel
 
 
