@@ -26,7 +26,7 @@ RATIO_EPS = 1e-6
 """The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
 
 MARGIN_MODES = ("arcface", "arcface_easy", "arcface_st", "cosface")
-RI_FORMS = ("product", "ratio", "sum")
+RI_FORMS = ("product", "ratio", "sum", "crfiqa")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -215,7 +215,10 @@ def recognizability_index(
     prototype (d^P), but its equation was not available. `product` (default) is
     d^UI·(d^N − d^P): the prototype margin, amplified for faces far from the UI cluster;
     `ratio` is d^UI·d^N / max(d^P, 1e-6); `sum` is d^UI + d^N − d^P. Without a UI centre
-    (`cos_ui` None) d^UI = 1. The result is a target: no gradient flows through it."""
+    (`cos_ui` None) d^UI = 1. `crfiqa` is not REE's: it is CR-FIQA's certainty ratio
+    cos_pos / (cos_neg + 1 + 1e-6) (Boutros et al., CVPR 2023), which ignores the UI centre, so
+    that the same fused head trains that baseline. The result is a target: no gradient flows
+    through it."""
     d_pos = 1.0 - cos_pos.detach()
     d_neg = 1.0 - cos_neg.detach()
     d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui.detach()
@@ -225,6 +228,8 @@ def recognizability_index(
         return d_ui * d_neg / d_pos.clamp_min(RATIO_EPS)
     if form == "sum":
         return d_ui + d_neg - d_pos
+    if form == "crfiqa":
+        return cos_pos.detach() / (cos_neg.detach() + 1.0 + RATIO_EPS)
     raise ValueError(f"ri_form must be one of {RI_FORMS}, got {form!r}")
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ree.demo import main
+from ree.demo.__main__ import main
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def one_thread():
 
 
 def test_quick_demo_writes_the_report(tmp_path, capsys):
-    assert main(["--quick", "--output", str(tmp_path)]) == 0
+    assert main(["--quick", "--synthetic", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| REE |" in out and "| ArcFace |" in out
     report = (tmp_path / "report.md").read_text()

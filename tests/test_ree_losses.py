@@ -139,7 +139,7 @@ def test_unlabelled_uis_feed_the_tracker_but_not_l1():
 
 def test_baseline_is_plain_arcface_on_the_same_path():
     emb, ri_pred, attn, labels, is_ui = inputs(seed=10)
-    loss = make_loss(baseline=True)
+    loss = make_loss(method="arcface")
     rec = ~is_ui
     out = loss(emb, labels, ri_pred, attn, is_ui)
     expected = reference.arcface_head(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4).loss

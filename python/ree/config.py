@@ -10,7 +10,9 @@ from typing import Any, Dict, Optional, Tuple
 from .models.iresnet import BACKBONES
 from .models.ree_model import ModelConfig
 
-METHODS = ("ree", "arcface")
+METHODS = ("ree", "arcface", "crfiqa")
+PRM_INPUTS = ("embedding", "normalized")
+DIVERSION_TARGETS = ("predicted", "true")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 AMP_MODES = ("auto", "bf16", "off")
@@ -23,7 +25,15 @@ RESUME_MUTABLE = frozenset({"output_dir", "progress", "tensorboard", "log_every"
 @dataclass
 class TrainConfig:
     """A training run. `method="arcface"` is the plain ArcFace baseline on the same code path
-    (no UIs, no aux losses).
+    (no UIs, no aux losses); `method="crfiqa"` is CR-FIQA (Boutros et al., CVPR 2023): ArcFace
+    plus the regression head trained on the certainty ratio (`ri_form="crfiqa"`, smooth L1 with
+    β = 0.5 weighted 10 ×, no UIs), the field's trained quality baseline on the same backbone.
+
+    `min_resolution` > 0 trains on very-low-resolution copies: each training image is reduced to
+    a side drawn uniformly from [min_resolution, input size] (antialiased) and shown at the input
+    size again (`ree.data.degrade.downsample`), for every method alike. `prm_input` feeds the PRM
+    the embedding v (docs/spec.md §1.5) or v̂; `diversion_target="true"` applies L_ID to the
+    head's RI made differentiable instead of the PRM's ξ̂ (ablations of the [R] choices).
 
     τ and the loss weights are not from the paper: τ = 0.1 with λ_L1 = λ_ID = λ_MSE = 0.5 came out
     of one tuning run (`python -m ree.demo --tune`) on the synthetic set's validation
@@ -46,6 +56,7 @@ class TrainConfig:
     embedding_size: Optional[int] = None
     dropout: float = 0.0
     prm_dropout: float = 0.1
+    prm_input: str = "embedding"
     # method and loss (docs/spec.md §1, §3)
     method: str = "ree"
     scale: float = 64.0
@@ -59,6 +70,8 @@ class TrainConfig:
     lambda_mse: float = 0.5
     tracker_momentum: float = 0.99
     ui_fraction: float = 0.25
+    diversion_target: str = "predicted"
+    min_resolution: int = 0
     backend: str = "auto"
     # optimisation
     steps: int = 1000
@@ -86,7 +99,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
         self.synthetic = dict(self.synthetic)
-        choices = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
+        choices = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                    "device": DEVICES, "arch": tuple(BACKBONES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -96,7 +109,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "workers", "seed"):
+        for name in ("warmup_steps", "workers", "seed", "min_resolution"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -111,6 +124,8 @@ class TrainConfig:
         for name in ("margin", "tau"):
             if not _finite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if 0 < self.min_resolution < 2 or self.min_resolution > self.model_config().resolved_input_size:
+            raise ValueError(f"min_resolution must be 0 (off) or in [2, input size], got {self.min_resolution!r}")
         if not 0.0 <= self.ui_fraction <= 1.0:
             raise ValueError(f"ui_fraction must lie in [0, 1], got {self.ui_fraction!r}")
         if not 0.0 <= self.tracker_momentum < 1.0:
@@ -125,8 +140,8 @@ class TrainConfig:
 
     @property
     def uis_per_batch(self) -> int:
-        """UIs appended to each batch of `batch_size` images (0 for the baseline)."""
-        return 0 if self.baseline else int(round(self.ui_fraction * self.batch_size))
+        """UIs appended to each batch of `batch_size` images (REE only)."""
+        return int(round(self.ui_fraction * self.batch_size)) if self.method == "ree" else 0
 
     def check_world_size(self, world: int) -> None:
         """ValueError unless `world` processes can share the global batch evenly (the same rows
@@ -138,7 +153,7 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(arch=self.arch, input_size=self.input_size, embedding_size=self.embedding_size,
-                           dropout=self.dropout, prm_dropout=self.prm_dropout)
+                           dropout=self.dropout, prm_dropout=self.prm_dropout, prm_input=self.prm_input)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)

@@ -8,16 +8,25 @@ import torch.distributed as dist
 from torch import nn
 
 import ree_kernels
-from ree_kernels import UITracker
+from ree_kernels import UITracker, reference
 from ree_kernels.distributed import ShardedArcFaceHead
 
 from .models.arcface import ArcFaceHead
 
 
+METHODS = ("ree", "arcface", "crfiqa")
+
+CRFIQA_WEIGHT = 10.0
+CRFIQA_BETA = 0.5
+"""CR-FIQA's regression loss: smooth L1 with β = 0.5 weighted 10 × against the ArcFace loss
+(Boutros et al., CVPR 2023, and its official training code)."""
+
+
 class LossOutput(NamedTuple):
     """`total` (differentiable) and its parts, for logging: `cls` L_cls (recognizable rows),
     `l1` L_L1, `id` L_ID, `mse` L_MSE (unweighted), and per row the RI target `ri` and the
-    head's `cos_pos`, `cos_neg` (detached). In the baseline the three aux parts are 0."""
+    head's `cos_pos`, `cos_neg` (detached). In the ArcFace baseline the three aux parts are 0;
+    CR-FIQA has only `l1` (its certainty-ratio regression)."""
 
     total: torch.Tensor
     cls: torch.Tensor
@@ -44,8 +53,13 @@ class REELoss(nn.Module):
     Defaults: ArcFace s = 64, m = 0.5; τ = 0.1 and weights 0.5, tuned once on the synthetic
     validation identities (docs/tuning.md).
 
-    `baseline=True` is plain ArcFace through the same path: the head's loss only (no tracker
-    update, no aux losses; UIs, if any, still carry weight 0).
+    `method="arcface"` is plain ArcFace through the same path: the head's loss only (no tracker
+    update, no aux losses; UIs, if any, still carry weight 0). `method="crfiqa"` is CR-FIQA on the
+    same path: the head's RI form is its certainty ratio (`ri_form` is ignored), regressed by the
+    PRM with smooth L1 (β = CRFIQA_BETA, weight CRFIQA_WEIGHT); no tracker, L_ID or L_MSE.
+
+    `diversion_target="true"` applies L_ID to the head's RI itself, made differentiable through
+    cos_pos, cos_neg and cos_ui (an ablation of docs/spec.md §1.6, which applies it to ξ̂).
 
     `seed` fixes the prototype init (`ArcFaceHead(seed=...)`; None: the global RNG). With a
     `process_group` the loss runs on each rank's rows of the global batch: the head is a
@@ -68,7 +82,8 @@ class REELoss(nn.Module):
         weights: Sequence[float] = (0.5, 0.5, 0.5),
         momentum: float = 0.99,
         ignore_index: int = -100,
-        baseline: bool = False,
+        method: str = "ree",
+        diversion_target: str = "predicted",
         backend: str = "auto",
         seed: Optional[int] = None,
         process_group: Optional[dist.ProcessGroup] = None,
@@ -78,6 +93,12 @@ class REELoss(nn.Module):
             raise ValueError(f"weights must be three numbers >= 0 (λ_L1, λ_ID, λ_MSE), got {weights!r}")
         if not isinstance(tau, (int, float)) or not isinstance(beta, (int, float)) or beta <= 0:
             raise ValueError(f"tau must be a number and beta a positive number, got tau={tau!r}, beta={beta!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if diversion_target not in ("predicted", "true"):
+            raise ValueError(f"diversion_target must be 'predicted' or 'true', got {diversion_target!r}")
+        if method == "crfiqa":
+            ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
         options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
                        ignore_index=ignore_index, backend=backend)
         if process_group is None:
@@ -88,7 +109,7 @@ class REELoss(nn.Module):
         self.process_group = process_group
         self.tracker = UITracker(embedding_size, momentum)
         self.tau, self.beta, self.weights = float(tau), float(beta), tuple(float(w) for w in weights)
-        self.baseline = bool(baseline)
+        self.method, self.diversion_target = method, diversion_target
 
     def forward(
         self,
@@ -100,23 +121,26 @@ class REELoss(nn.Module):
     ) -> LossOutput:
         """embeddings [B, D] (v), labels [B] int64, ri_pred [B] (ξ̂, the PRM output), attn
         [B, D] (v^attn, the PAM output, or None for no L_MSE), is_ui [B] bool (None: no UIs).
-        ri_pred may be None only for the baseline."""
+        ri_pred may be None only for the ArcFace baseline."""
         batch = embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0
         if is_ui is None:
             is_ui = torch.zeros(batch, dtype=torch.bool, device=embeddings.device)
         if not isinstance(is_ui, torch.Tensor) or is_ui.dtype != torch.bool or is_ui.shape != (batch,):
             raise ValueError(f"is_ui must be a bool tensor of shape [{batch}]")
         recognizable = ~is_ui
-        if not self.baseline:
-            if ri_pred is None:
-                raise ValueError("ri_pred (the PRM output) is required unless baseline=True")
+        if self.method != "arcface" and ri_pred is None:
+            raise ValueError(f"ri_pred (the PRM output) is required for method={self.method!r}")
+        if self.method == "ree":
             self.tracker.update(embeddings[is_ui].detach(), ri_pred[is_ui].detach(), process_group=self.process_group)
-        center = None if self.baseline else self.tracker.center_or_none()
-        head = self.head(embeddings, labels, ui_center=center,
-                         sample_weight=recognizable.to(embeddings.dtype), return_stats=True)
+        center = self.tracker.center_or_none() if self.method == "ree" else None
+        true_diversion = self.method == "ree" and self.diversion_target == "true"
+        extra = {"differentiable_stats": True} if true_diversion else {}  # the sharded head has no such option
+        head = self.head(embeddings, labels, ui_center=center, sample_weight=recognizable.to(embeddings.dtype),
+                         return_stats=True, **extra)
         zero = torch.zeros((), dtype=head.loss.dtype, device=head.loss.device)
-        if self.baseline:
-            return LossOutput(head.loss, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
+        ri = head.ri.detach()
+        if self.method == "arcface":
+            return LossOutput(head.loss, head.loss.detach(), zero, zero, zero, ri, head.cos_pos, head.cos_neg)
 
         has_target = labels != self.head.ignore_index
         if not bool(has_target.any()):  # only unlabelled UIs: nothing has an RI target
@@ -127,17 +151,24 @@ class REELoss(nn.Module):
                 total = total + 0.0 * ri_pred.sum()
                 if attn is not None and center is not None:
                     total = total + 0.0 * attn.sum()
-            return LossOutput(total, head.loss.detach(), zero, zero, zero, head.ri, head.cos_pos, head.cos_neg)
+            return LossOutput(total, head.loss.detach(), zero, zero, zero, ri, head.cos_pos, head.cos_neg)
         rows = slice(None) if bool(has_target.all()) else has_target
         use_attn = attn is not None and center is not None
-        sdt = head.ri.dtype  # the aux losses run in the head's statistics dtype (float32 under autocast)
+        sdt = ri.dtype  # the aux losses run in the head's statistics dtype (float32 under autocast)
+        weights = (self.weights[0], 0.0, self.weights[2]) if true_diversion else self.weights
         aux = ree_kernels.ree_aux_loss(
-            ri_pred[rows].to(sdt), head.ri[rows], self.tracker.mu, tau=self.tau, beta=self.beta,
+            ri_pred[rows].to(sdt), ri[rows], self.tracker.mu, tau=self.tau, beta=self.beta,
             attn=attn[rows].to(sdt) if use_attn else None,
             embeddings=embeddings[rows].detach().to(sdt) if use_attn else None,
             ui_center=center.to(sdt) if use_attn else None,
-            recognizable=recognizable[rows], weights=self.weights, backend=self.head.backend,
+            recognizable=recognizable[rows], weights=weights, backend=self.head.backend,
         )
-        total = head.loss + aux.total.to(head.loss.dtype)
-        return LossOutput(total, head.loss.detach(), aux.l1.detach(), aux.id.detach(), aux.mse.detach(),
-                          head.ri, head.cos_pos, head.cos_neg)
+        total, diversion = head.loss + aux.total.to(head.loss.dtype), aux.id.detach()
+        if true_diversion:
+            keep = recognizable & has_target
+            hinge = reference.index_diversion(head.ri[keep], self.tracker.mu.to(sdt), self.tau)
+            diversion = hinge.sum() / keep.sum().clamp_min(1)
+            total = total + self.weights[1] * diversion.to(head.loss.dtype)
+            diversion = diversion.detach()
+        return LossOutput(total, head.loss.detach(), aux.l1.detach(), diversion, aux.mse.detach(),
+                          ri, head.cos_pos, head.cos_neg)

@@ -27,7 +27,7 @@ from ree_kernels.distributed import shard_state_dict
 from . import checkpoint as ckpt
 from . import distributed
 from .data.arrays import to_tensor
-from .data.degrade import draw_uis, synthesize_uis
+from .data.degrade import downsample, draw_uis, synthesize_uis
 from .config import RESUME_MUTABLE, TrainConfig
 from .distributed import Ranks
 from .losses import LossOutput, REELoss
@@ -157,15 +157,15 @@ class Trainer:
             self.model.embedding_size, self.num_classes, scale=config.scale, margin=config.margin,
             margin_mode=config.margin_mode, ri_form=config.ri_form, tau=config.tau, beta=config.beta,
             weights=(config.lambda_l1, config.lambda_id, config.lambda_mse), momentum=config.tracker_momentum,
-            baseline=config.baseline, backend=config.backend, seed=config.seed, process_group=self.ranks.group,
+            method=config.method, diversion_target=config.diversion_target, backend=config.backend, seed=config.seed, process_group=self.ranks.group,
         ).to(self.device)
         self.ddp_model: Optional[torch.nn.parallel.DistributedDataParallel] = None
         if self.ranks.world > 1:
             # The head stays out of DDP (its shards differ by rank). Parameters that no loss
-            # reaches (PRM and PAM in the baseline, PAM without UIs) must be declared.
+            # reaches (PRM and PAM in the ArcFace baseline, PAM in CR-FIQA or without UIs) must be declared.
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=config.baseline or config.uis_per_batch == 0)
+                find_unused_parameters=config.method != "ree" or config.uis_per_batch == 0)
             # Dropout masks differ by rank; rank 0 keeps the single-process stream.
             if self.ranks.rank > 0:
                 self._seed_everything(config.seed + self.ranks.rank)
@@ -310,7 +310,7 @@ class Trainer:
             yield batch[0], batch[1].long()
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """Random horizontal flips, then `uis_per_batch` UIs (docs/spec.md §1.10) synthesised from the
+        """Random horizontal flips, VLR copies (`config.min_resolution`), then `uis_per_batch` UIs (docs/spec.md §1.10) synthesised from the
         batch's first images and appended with their labels. -> (images, labels, is_ui).
 
         With N ranks, `images` are this rank's rows of the global batch (every N-th from the
@@ -325,6 +325,10 @@ class Trainer:
         mine = slice(self.ranks.rank, None, self.ranks.world)
         flip = (torch.rand(images.shape[0] * self.ranks.world, generator=self.generator, device=self.device) < 0.5)[mine]
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        if self.config.min_resolution:
+            sides = torch.randint(self.config.min_resolution, size + 1, (images.shape[0] * self.ranks.world,),
+                                  generator=self.generator, device=self.device)[mine]
+            images = downsample(images, sides)
         is_ui = torch.zeros(images.shape[0], dtype=torch.bool, device=self.device)
         count = self.config.uis_per_batch // self.ranks.world
         if count:

@@ -51,6 +51,35 @@ def degrade(image: np.ndarray, resolution: int, rng: np.random.Generator,
     return np.asarray(picture.convert("RGB"))
 
 
+def downsample(images: torch.Tensor, resolution: int | torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Very-low-resolution copies of a batch: each image reduced to resolution × resolution by an
+    antialiased bilinear filter (the capture), then bicubic interpolation to size × size (what the
+    model sees), clamped to [-1, 1]. The LFW-VLR probes and the VLR training augmentation.
+
+    images: float [N, C, H, W] normalised to [-1, 1]; resolution: one int or an int tensor [N]
+    (per image, each in [1, min(H, W)]); size: the output side (default H, for square images).
+    An image whose resolution equals its size is returned unchanged.
+    """
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+        raise ValueError("images must be a floating tensor of shape [N, C, H, W], got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    n, _, h, w = images.shape
+    size = h if size is None else int(size)
+    res = torch.as_tensor(resolution, device=images.device).long().expand(n)
+    if n and (int(res.min()) < 1 or int(res.max()) > min(h, w)):
+        raise ValueError(f"resolution must lie in [1, {min(h, w)}], got {res.min().item()}..{res.max().item()}")
+    out = images.new_empty(n, images.shape[1], size, size)
+    for r in res.unique().tolist():
+        rows = (res == r).nonzero().squeeze(1)
+        x = images[rows]
+        if r != h or r != w:
+            x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        out[rows] = x
+    return out.clamp_(-1.0, 1.0)
+
+
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, widest: float) -> torch.Tensor:
     """Separable Gaussian blur with one sigma (in pixels) per image, reflect padding, the taps
     reaching 3 × `widest` (the largest sigma there can be, not the batch's: an image's blur then

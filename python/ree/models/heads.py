@@ -20,8 +20,10 @@ class EmbeddingHead(nn.Module):
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad_(False)
 
-    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(self.norm(feature_map))
+    def forward(self, feature_map: torch.Tensor, dropout: float | None = None) -> torch.Tensor:
+        """`dropout` set: that rate, applied even in eval mode (SER-FIQ's stochastic passes)."""
+        x = self.norm(feature_map)
+        x = self.dropout(x) if dropout is None else nn.functional.dropout(x, dropout, training=True)
         return self.features(self.fc(torch.flatten(x, 1)))
 
 

@@ -17,13 +17,15 @@ class ModelConfig:
 
     `input_size` None means the arch's own (32 for "small", 112 for the iResNets);
     `embedding_size` None means 512, or 128 for "small" (its last stage has 128 channels and
-    a 512-d embedding only slows it on a CPU)."""
+    a 512-d embedding only slows it on a CPU). `prm_input` is what the PRM reads: the embedding
+    v ("embedding", docs/spec.md §1.5) or v̂ = v/‖v‖ ("normalized", which hides the feature norm)."""
 
     arch: str = "small"
     input_size: Optional[int] = None
     embedding_size: Optional[int] = None
     dropout: float = 0.0
     prm_dropout: float = 0.1
+    prm_input: str = "embedding"
     pam_reduction: int = 16
 
     def __post_init__(self) -> None:
@@ -35,6 +37,8 @@ class ModelConfig:
         for name in ("dropout", "prm_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if self.prm_input not in ("embedding", "normalized"):
+            raise ValueError(f"prm_input must be 'embedding' or 'normalized', got {self.prm_input!r}")
         if not isinstance(self.pam_reduction, int) or self.pam_reduction <= 0:
             raise ValueError(f"pam_reduction must be a positive int, got {self.pam_reduction!r}")
 
@@ -86,7 +90,8 @@ class REEModel(nn.Module):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         feature_map = self.backbone(images)
         embedding = self.head(feature_map)
-        return ModelOutput(embedding, feature_map, self.prm(embedding), self.pam(feature_map))
+        prm_input = embedding if self.config.prm_input == "embedding" else nn.functional.normalize(embedding, dim=1)
+        return ModelOutput(embedding, feature_map, self.prm(prm_input), self.pam(feature_map))
 
 
 class Inference(NamedTuple):

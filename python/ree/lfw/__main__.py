@@ -1,0 +1,125 @@
+"""`python -m ree.lfw` / `ree lfw`: the LFW-VLR benchmark (docs/lfw.md).
+
+  --suite main       REE, ArcFace and CR-FIQA with one budget, over --seeds (the README's table)
+  --suite ablation   REE with each part or [R] choice changed, and ArcFace (validation split)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from .. import evaluation as ev
+from ..data import lfw
+from ..evaluation.pipeline import to_jsonable
+from . import experiment, report
+
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    "REE": {"method": "ree"},
+    "ArcFace": {"method": "arcface"},
+    "REE − L_L1": {"method": "ree", "lambda_l1": 0.0},
+    "REE − L_ID": {"method": "ree", "lambda_id": 0.0},
+    "REE − L_MSE (PAM)": {"method": "ree", "lambda_mse": 0.0},
+    "REE − UI synthesis": {"method": "ree", "ui_fraction": 0.0},
+    "REE, RI ratio": {"method": "ree", "ri_form": "ratio"},
+    "REE, RI sum": {"method": "ree", "ri_form": "sum"},
+    "REE, L_ID on true RI": {"method": "ree", "diversion_target": "true"},
+    "REE, PRM on v̂": {"method": "ree", "prm_input": "normalized"},
+}
+"""The ablation suite: one change each against the REE defaults (docs/lfw.md, "Ablations")."""
+
+
+def say(message: str) -> None:
+    print(f"[ree lfw] {message}", flush=True)
+
+
+def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Path, title: str,
+                 intro: str, seconds: float) -> str:
+    """report.md, results.json and the plots under `out`; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = ev.Report(title)
+    doc.text(intro)
+    doc.heading("Verification: TAR@FAR=1e-2 on the split's pairs file")
+    doc.table(*report.verification_table(summary, "tar@0.01"))
+    doc.heading("Verification: 10-fold accuracy", 3)
+    doc.table(*report.verification_table(summary, "acc"))
+    doc.heading("Verification: TAR@FAR=1e-3", 3)
+    doc.text("With 500 (DevTest) or 1,100 (DevTrain) impostor pairs, FAR 1e-3 is one or a few false accepts: read "
+             "it as indicative only.")
+    doc.table(*report.verification_table(summary, "tar@0.001"))
+    doc.heading("Identification: CMC against the HR gallery with distractors")
+    doc.table(*report.identification_table(summary))
+    doc.heading("Quality: ERC AUC (lower is better) and Spearman correlation with the probe resolution")
+    doc.text("Pairs of the split's images, each side at an independently drawn resolution (HR, 24, 16, 12, 8 px). "
+             "A pair's quality is the lower of its two. `norm (X)`: X's feature norm; `SER-FIQ`: the recognizer's "
+             "own; `resolution`: the true probe side (a reference, not an estimate); `random`: the floor.")
+    doc.table(*report.quality_table(summary))
+    names = report.methods(summary)
+    if "REE" in names and "ArcFace" in names:
+        doc.heading("Goals (means over seeds)")
+        doc.table(*report.goals_table(report.recognition_goals(summary) + report.quality_goals(summary)))
+    doc.heading("Plots")
+    for png, caption in report.write_plots(curves, out):
+        doc.image(png, caption)
+    doc.heading("Run")
+    times = report.per_seed_seconds(summary)
+    doc.text(f"Seeds {summary['seeds']}; {summary['train_people']} training people ({summary['train_images']} images), "
+             f"{summary['eval_people']} evaluation people ({summary['eval_images']} images). Training minutes per run "
+             f"(mean over seeds): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items())
+             + f". Total {seconds / 60:.1f} min on {platform.machine()} with {torch.get_num_threads()} torch threads, "
+             f"torch {torch.__version__}.")
+    doc.text("Budget: " + json.dumps(summary["budget"]))
+    doc.write(out / "report.md")
+    (out / "results.json").write_text(json.dumps(to_jsonable(summary), indent=1, sort_keys=True) + "\n")
+    return (out / "report.md").read_text()
+
+
+def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: experiment.Budget,
+              out: Path, cache_dir: Optional[Path] = None) -> str:
+    start = time.perf_counter()
+    variants = ABLATIONS if suite == "ablation" else None
+    summary, curves = experiment.run(source, split=split, seeds=seeds, budget=budget, out=out / "runs",
+                                     variants=variants, cache_dir=cache_dir, say=say)
+    title = f"LFW-VLR {suite}: {split} split, seeds {list(seeds)}"
+    intro = ("Every model: the same small iResNet at 32×32, the same training people and steps, VLR training copies "
+             f"down to {budget.min_resolution} px. Protocol and choices: docs/lfw.md. The [R] parts of REE are "
+             "reconstructions (docs/spec.md §1).")
+    text = write_report(summary, curves, out, title, intro, time.perf_counter() - start)
+    say(f"report: {out / 'report.md'} ({(time.perf_counter() - start) / 60:.1f} min)")
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ree lfw", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--lfw", type=Path, default=None,
+                        help=f"LFW folder or .tgz (default: ${lfw.ENV_VAR}, then scikit-learn's cache)")
+    parser.add_argument("--suite", choices=("main", "ablation"), default="main")
+    parser.add_argument("--split", choices=("val", "test"), default=None,
+                        help="evaluation people: DevTrain (val, for tuning) or DevTest (test); "
+                             "default: test for main, val for ablation")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=experiment.Budget.steps)
+    parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112))
+    parser.add_argument("--output", type=Path, default=None, help="default runs/lfw-<suite>-<split>")
+    args = parser.parse_args(argv)
+    split = args.split or ("val" if args.suite == "ablation" else "test")
+    try:
+        source = lfw.find_lfw(args.lfw)
+    except lfw.LfwNotFound as err:
+        parser.error(str(err))
+    budget = experiment.Budget(steps=args.steps, warmup_steps=max(args.steps // 10, 1), input_size=args.input_size)
+    out = args.output or Path(f"runs/lfw-{args.suite}-{split}")
+    print(run_suite(args.suite, source, split=split, seeds=args.seeds, budget=budget, out=out,
+                    cache_dir=Path("runs/cache")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

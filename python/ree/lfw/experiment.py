@@ -1,0 +1,175 @@
+"""Training and evaluating methods on LFW-VLR with one budget: REE, the ArcFace baseline and
+CR-FIQA, over seeds, and the ablations of REE's parts (docs/lfw.md).
+
+`run(...)` trains every (method, seed) on the split's training people, scores the split's
+evaluation people with `scoring`, and returns plain dicts (JSON-ready) that `report` turns into
+tables. The test split is only ever scored with settings chosen on the validation split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..config import TrainConfig
+from ..data import lfw
+from ..evaluation.pipeline import erc_summary
+from ..train import Trainer
+from . import protocol, scoring
+
+METHODS = {"REE": "ree", "ArcFace": "arcface", "CR-FIQA": "crfiqa"}
+"""Report name -> TrainConfig.method."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method gets: the same backbone, data, steps, batch and optimiser (REE adds its
+    UIs to each batch). Defaults: docs/lfw.md ("Budget")."""
+
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 0.1
+    warmup_steps: int = 80
+    input_size: int = 32
+    arch: str = "small"
+    min_resolution: int = 7
+    erc_pairs: int = 20000
+
+    def config(self, method: str, output_dir: Path, seed: int, **overrides: Any) -> TrainConfig:
+        values = dict(data="lfw", method=method, output_dir=str(output_dir), arch=self.arch, input_size=self.input_size,
+                      steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                      min_resolution=self.min_resolution, seed=seed, save_every=self.steps,
+                      log_every=max(self.steps // 40, 1), tensorboard=False)
+        values.update(overrides)
+        return TrainConfig(**values)
+
+
+@dataclass
+class Data:
+    """One split's training set and evaluation set, from LFW crops at the model input size."""
+
+    split: str
+    source: lfw.LfwSource
+    people: protocol.People
+    train: Any
+    evalset: protocol.EvalSet
+    images: np.ndarray  # uint8 crops of the evaluation rows
+
+
+def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[str | Path] = None,
+         progress: bool = False, seed: int = 0) -> Data:
+    crops = lfw.load_crops(source, budget.input_size, cache_dir=cache_dir, progress=progress)
+    people = protocol.people(crops, source, split)
+    evalset = protocol.evaluation_set(crops, source, split, budget.input_size, erc_pairs=budget.erc_pairs, seed=seed)
+    return Data(split, source, people, protocol.training_set(crops, people), evalset, crops.images[evalset.rows])
+
+
+@dataclass
+class Run:
+    """One trained model and how long it took."""
+
+    name: str
+    trainer: Trainer
+    seconds: float
+
+
+def train(name: str, data: Data, budget: Budget, seed: int, out: Path, say: Callable[[str], None] = print,
+          **overrides: Any) -> Run:
+    """Trains `name` (a key of METHODS, or any label with `method=` in overrides)."""
+    method = overrides.pop("method", METHODS.get(name))
+    config = budget.config(method, out, seed, **overrides)
+    say(f"training {name} (seed {seed}): {config.steps} steps × {config.batch_size} images"
+        + (f" + {config.uis_per_batch} UIs" if config.uis_per_batch else "")
+        + f" on {data.people.train.__len__()} people")
+    start = time.perf_counter()
+    trainer = Trainer(config, dataset=data.train)
+    trainer.fit()
+    return Run(name, trainer, time.perf_counter() - start)
+
+
+QUALITY_BASELINES = ("CR-FIQA", "SER-FIQ", "ERS")
+"""Quality scores ξ̂ is held against besides every model's feature norm (docs/lfw.md)."""
+
+
+@dataclass
+class Curves:
+    """What the plots need of one seed: the recompute-mode ERCs {recognizer: {quality: ErcResult}}
+    and the CMC curves {recognizer: {level: [rate at rank 1..20]}}."""
+
+    erc: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    cmc: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
+
+
+def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
+             say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves]:
+    """Recognition of every run, and the ERCs of every quality score on each recognizer's pairs;
+    -> (JSON-ready results, curves for the plots).
+
+    Qualities: ξ̂ of the REE run(s) (every run whose method is "ree"), CR-FIQA's head, every run's
+    feature norm, the recognizer's SER-FIQ, ERS of the REE run, the true resolution and random."""
+    views = {}
+    for name, run in runs.items():
+        say(f"scoring {name} on {len(data.images)} {data.split} images × {len(data.evalset.levels)} resolutions")
+        views[name] = scoring.views(run.trainer.model, data.images, data.evalset.levels,
+                                    run.trainer.criterion.tracker.center_or_none(), seed=seed)
+    result: Dict[str, Any] = {"recognition": {}, "erc": {}, "spearman": {}, "seconds": {}}
+    curves = Curves()
+    shared = {}
+    for name, run in runs.items():
+        method = run.trainer.config.method
+        if method == "ree":
+            shared[f"ξ̂ ({name})" if name != "REE" else "ξ̂"] = views[name].prm
+            shared[f"ERS ({name})" if name != "REE" else "ERS"] = views[name].ers
+        elif method == "crfiqa":
+            shared["CR-FIQA"] = views[name].prm
+        shared[f"norm ({name})"] = views[name].norm
+    shared["resolution"] = scoring.resolution_map(data.evalset)
+    for name, run in runs.items():
+        result["recognition"][name] = scoring.recognition(views[name], data.evalset)
+        qualities = {**shared, "SER-FIQ": views[name].serfiq}
+        ercs = scoring.ercs(scoring.erc_scores(views[name], data.evalset), data.evalset, qualities, seed=seed)
+        result["erc"][name] = {mode: erc_summary(r) for mode, r in ercs.items()}
+        result["spearman"][name] = scoring.resolution_correlation(qualities, data.evalset)
+        result["seconds"][name] = run.seconds
+        curves.erc[name] = ercs["recompute"]
+        curves.cmc[name] = scoring.cmc_curves(views[name], data.evalset)
+    return result, curves
+
+
+def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budget, out: Path,
+        variants: Optional[Mapping[str, Dict[str, Any]]] = None, cache_dir: Optional[Path] = None,
+        say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves]:
+    """Trains and evaluates `variants` ({name: TrainConfig overrides, with `method`}; default: the
+    three METHODS) for every seed. Returns ({"per_seed": [evaluate() results], the budget, the
+    split and its sizes}, the first seed's curves)."""
+    variants = variants or {name: {"method": m} for name, m in METHODS.items()}
+    data = load(source, split, budget, cache_dir=cache_dir, progress=True)
+    say(f"LFW-VLR {split}: {len(data.people.train)} training people ({len(data.train)} images), "
+        f"{len(data.people.held_out)} evaluation people ({len(data.images)} images)")
+    per_seed, first = [], None
+    for seed in seeds:
+        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / _slug(name), say, **dict(v))
+                for name, v in variants.items()}
+        result, curves = evaluate(runs, data, seed, say)
+        per_seed.append(result)
+        first = first or curves
+    summary = {"split": split, "seeds": list(seeds), "budget": asdict(budget), "variants": {k: dict(v) for k, v in variants.items()},
+            "train_people": len(data.people.train), "train_images": len(data.train),
+            "eval_people": len(data.people.held_out), "eval_images": len(data.images), "per_seed": per_seed}
+    return summary, first
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """(mean, sample std) ignoring NaN; std is NaN for one value."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan

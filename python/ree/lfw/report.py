@@ -1,0 +1,160 @@
+"""Tables, goals and plots of LFW-VLR results (`experiment.run`'s summaries): means over seeds
+with their sample standard deviation. Numbers come from the result dicts, never from strings."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from .. import evaluation as ev
+from .experiment import Curves, mean_std
+
+Table = Tuple[List[str], List[List[Any]]]
+LEVELS = ("HR", "24", "16", "12", "8")
+RECOMPUTE_AUC = ("recompute", "0.01", "auc")
+"""The quality goal's ERC statistic: AUC of FNMR at FMR 1e-2, threshold recomputed."""
+
+
+def cell(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _values(summary: Mapping[str, Any], *path: str) -> List[float]:
+    out = []
+    for seed in summary["per_seed"]:
+        value: Any = seed
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        out.append(math.nan if value is None else float(value))
+    return out
+
+
+def stat(summary: Mapping[str, Any], *path: str) -> Tuple[float, float]:
+    """(mean, std) over seeds of the value at `path` in each seed's results."""
+    return mean_std(_values(summary, *path))
+
+
+def methods(summary: Mapping[str, Any]) -> List[str]:
+    return list(summary["per_seed"][0]["recognition"])
+
+
+def verification_table(summary: Mapping[str, Any], metric: str = "tar@0.01") -> Table:
+    """Rows: method × (VLR–VLR, cross-resolution); columns: HR and each probe resolution."""
+    headers = ["model", "pairs"] + [f"{lv} px" if lv != "HR" else "HR" for lv in LEVELS]
+    rows = []
+    for name in methods(summary):
+        for kind, label in (("vlr", "VLR–VLR"), ("cross", "HR–VLR")):
+            rows.append([name, label] + [cell(*stat(summary, "recognition", name, kind, lv, metric))
+                                         for lv in LEVELS])
+    return headers, rows
+
+
+def identification_table(summary: Mapping[str, Any]) -> Table:
+    headers = ["model", "rank"] + [f"{lv} px" if lv != "HR" else "HR" for lv in LEVELS]
+    rows = []
+    for name in methods(summary):
+        for rank in (1, 5, 20):
+            rows.append([name, f"rank-{rank}"] + [cell(*stat(summary, "recognition", name, "ident", lv, f"rank-{rank}"))
+                                                  for lv in LEVELS])
+    return headers, rows
+
+
+def quality_names(summary: Mapping[str, Any]) -> List[str]:
+    first = summary["per_seed"][0]["erc"]
+    return list(next(iter(first.values()))["recompute"])
+
+
+def quality_table(summary: Mapping[str, Any], recognizers: Optional[Sequence[str]] = None) -> Table:
+    """ERC AUC (FMR 1e-2 and 1e-3, threshold recomputed, and 1e-2 fixed) of every quality score on
+    each recognizer's pairs, and its Spearman correlation with the probe resolution."""
+    recognizers = list(recognizers or methods(summary))
+    headers = ["quality"]
+    for r in recognizers:
+        headers += [f"{r}: AUC 1e-2", f"{r}: AUC 1e-3", f"{r}: AUC 1e-2 fixed"]
+    headers.append("Spearman vs resolution")
+    rows = []
+    for q in quality_names(summary):
+        row: List[Any] = [q]
+        for r in recognizers:
+            row += [cell(*stat(summary, "erc", r, "recompute", q, "auc", "0.01")),
+                    cell(*stat(summary, "erc", r, "recompute", q, "auc", "0.001")),
+                    cell(*stat(summary, "erc", r, "fixed", q, "auc", "0.01"))]
+        row.append(cell(*stat(summary, "spearman", recognizers[0], q)) if q != "random" else "—")
+        rows.append(row)
+    return headers, rows
+
+
+class Goal(NamedTuple):
+    text: str
+    measured: str
+    met: bool
+
+
+def recognition_goals(summary: Mapping[str, Any], ree: str = "REE", base: str = "ArcFace",
+                      gain: float = 0.02) -> List[Goal]:
+    """REE ≥ ArcFace + `gain` TAR@FAR=1e-2 at 8 and 12 px (VLR–VLR and cross), no worse at 24 px
+    and HR; compared as means over seeds."""
+    goals = []
+    for kind, label in (("vlr", "VLR–VLR"), ("cross", "HR–VLR")):
+        for level in LEVELS:
+            if kind == "cross" and level == "HR":
+                continue
+            ours, _ = stat(summary, "recognition", ree, kind, level, "tar@0.01")
+            theirs, _ = stat(summary, "recognition", base, kind, level, "tar@0.01")
+            need = gain if level in ("8", "12") else 0.0 if level in ("24", "HR") else None
+            if need is None:
+                continue
+            goals.append(Goal(f"{label} {level}{' px' if level != 'HR' else ''}: {ree} ≥ {base} + {need:g}",
+                              f"{ours - theirs:+.3f} ({ours:.3f} vs {theirs:.3f})", ours - theirs >= need))
+    return goals
+
+
+def quality_goals(summary: Mapping[str, Any], score: str = "ξ̂", reference: Sequence[str] = ("resolution", "random")
+                  ) -> List[Goal]:
+    """ξ̂'s ERC AUC (FMR 1e-2, recompute) below every other score but the references, on each
+    recognizer's pairs; compared as means over seeds."""
+    goals = []
+    for recognizer in methods(summary):
+        ours, _ = stat(summary, "erc", recognizer, "recompute", score, "auc", "0.01")
+        others = {q: stat(summary, "erc", recognizer, "recompute", q, "auc", "0.01")[0]
+                  for q in quality_names(summary) if q != score and q not in reference}
+        best = min(others, key=others.get)
+        goals.append(Goal(f"{recognizer}'s pairs: ERC AUC of {score} below every baseline",
+                          f"{score} {ours:.4f} vs best baseline {best} {others[best]:.4f}", ours < others[best]))
+    return goals
+
+
+def goals_table(goals: Sequence[Goal]) -> Table:
+    return ["goal", "measured (mean over seeds)", "met"], [[g.text, g.measured, "yes" if g.met else "no"] for g in goals]
+
+
+def write_plots(curves: Curves, out: Path, qualities: Optional[Sequence[str]] = None) -> List[Tuple[str, str]]:
+    """ERC plots (FMR 1e-2, threshold recomputed) per recognizer and CMC plots per resolution;
+    -> [(file name, caption)]."""
+    from ..evaluation import plots
+
+    images = []
+    for recognizer, results in curves.erc.items():
+        chosen = {q: r for q, r in results.items() if qualities is None or q in qualities}
+        name = f"erc_{_slug(recognizer)}.png"
+        plots.plot_erc(chosen, 1e-2, out / name)
+        images.append((name, f"ERC on {recognizer}'s LFW-VLR pairs (FMR 1e-2, threshold recomputed)"))
+    for level in ("8", "12", "16"):
+        name = f"cmc_{level}px.png"
+        plots.plot_cmc({r: c[level] for r, c in curves.cmc.items()}, out / name)
+        images.append((name, f"CMC of {level} px probes against the HR gallery with distractors"))
+    return images
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def markdown(table: Table) -> str:
+    return ev.markdown_table(*table)
+
+
+def per_seed_seconds(summary: Mapping[str, Any]) -> Dict[str, float]:
+    return {name: stat(summary, "seconds", name)[0] for name in methods(summary)}

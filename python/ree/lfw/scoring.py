@@ -1,0 +1,187 @@
+"""Scores of the LFW-VLR protocol: what each model makes of every evaluation image at every
+resolution, and the recognition and quality metrics computed from it (docs/lfw.md).
+
+Quality scores (higher = better quality), per image and resolution:
+- `ξ̂`: the PRM output of an REE model (docs/spec.md §1.11); `CR-FIQA`: the same head of a model
+  trained as CR-FIQA (Boutros et al., CVPR 2023).
+- `norm`: the feature norm ‖v‖, read as quality the way MagFace does (Meng et al., CVPR 2021).
+- `SER-FIQ`: 2·sigmoid(−(2/m²)·Σ_{i<j} ‖x_i − x_j‖) over m = 10 passes with dropout on in the
+  embedding layer, x the normalised embeddings (Terhörst et al., CVPR 2020).
+- `ERS`: 1 − cos(v, ū), the distance to the centre of the unrecognizable instances.
+- `resolution`: the true probe side, the reference a quality estimate would like to match.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import evaluation as ev
+from ..data.arrays import to_tensor
+from ..data.degrade import downsample
+from ..evaluation.pipeline import spearman, ui_center_from_images
+from ..models.ree_model import REEModel
+from .protocol import EvalSet
+
+FARS = (1e-2, 1e-3)
+RANKS = (1, 5, 20)
+ERC_FMRS = (1e-2, 1e-3)
+THRESHOLD_MODES = ("recompute", "fixed")
+SERFIQ_PASSES = 10
+SERFIQ_DROPOUT = 0.5
+"""The dropout of the SER-FIQ passes when the model was trained without dropout (otherwise its own)."""
+FOLDS = 10
+
+
+@dataclass
+class Views:
+    """One model on every evaluation image at every resolution (float64 numpy).
+
+    embeddings [L, N, D] flip-fused; norm, prm, serfiq, ers [L, N]; L follows `EvalSet.levels`."""
+
+    embeddings: np.ndarray
+    norm: np.ndarray
+    prm: np.ndarray
+    serfiq: np.ndarray
+    ers: np.ndarray
+
+
+def serfiq_score(embeddings: torch.Tensor) -> torch.Tensor:
+    """SER-FIQ's quality from m stochastic embeddings [m, N, D] of N images -> [N]."""
+    x = torch.nn.functional.normalize(embeddings.double(), dim=2).transpose(0, 1)  # [N, m, D]
+    m = x.shape[1]
+    distances = torch.cdist(x, x).triu(diagonal=1).sum((1, 2))
+    return 2.0 * torch.sigmoid(-(2.0 / m ** 2) * distances)
+
+
+@torch.no_grad()
+def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center: Optional[torch.Tensor], *,
+          seed: int = 0, batch_size: int = 512) -> Views:
+    """Embeds uint8 crops [N, S, S, 3] (S: the model input) at every level (S itself: undegraded),
+    with flip fusion for the embeddings; the qualities come from the unflipped image. ū: the
+    model's UI centre, or None to take it from UIs synthesised out of these images
+    (`ui_center_from_images`). The SER-FIQ dropout masks are drawn from `seed`."""
+    size = model.input_size
+    if images.ndim != 4 or images.shape[1] != size:
+        raise ValueError(f"images must be crops at the model input ({size} px), got shape {images.shape}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dropout = model.head.dropout.p or SERFIQ_DROPOUT
+    out: Dict[str, list] = {k: [] for k in ("embeddings", "prm", "serfiq", "plain")}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for level in levels:
+                per: Dict[str, list] = {k: [] for k in out}
+                for start in range(0, len(images), batch_size):
+                    x = downsample(to_tensor(images[start:start + batch_size]).to(device), level)
+                    result = model(x)
+                    per["embeddings"].append((result.embedding + model(x.flip(3)).embedding).float().cpu())
+                    per["plain"].append(result.embedding.float().cpu())
+                    per["prm"].append(result.quality.float().cpu())
+                    passes = [model.head(result.feature_map, dropout=dropout) for _ in range(SERFIQ_PASSES)]
+                    per["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
+                for k in out:
+                    out[k].append(torch.cat(per[k]))
+    finally:
+        model.train(was_training)
+    if ui_center is None:
+        ui_center = ui_center_from_images(model, to_tensor(images[: min(len(images), 512)]), seed)
+    plain = torch.stack(out["plain"])
+    u = torch.nn.functional.normalize(ui_center.float().cpu(), dim=0)
+    ers = 1.0 - torch.nn.functional.normalize(plain, dim=2) @ u
+    as_np = lambda t: t.double().numpy()  # noqa: E731
+    return Views(as_np(torch.stack(out["embeddings"])), as_np(plain.norm(dim=2)), as_np(torch.stack(out["prm"])),
+                 as_np(torch.stack(out["serfiq"])), as_np(ers))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _interleaved(n: int) -> np.ndarray:
+    """An order putting pair k in fold k mod FOLDS, so that each fold of a pairs file sorted
+    genuine-first holds both kinds."""
+    return np.argsort(np.arange(n) % FOLDS, kind="stable")
+
+
+def verification(scores: np.ndarray, same: np.ndarray) -> Dict[str, float]:
+    order = _interleaved(len(scores))
+    accuracy, _ = ev.kfold_accuracy(scores[order], same[order], FOLDS)
+    out = {f"tar@{far:g}": ev.tar_at_far(scores, same, far) for far in FARS}
+    out["acc"] = accuracy
+    return out
+
+
+def recognition(view: Views, evalset: EvalSet) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{"vlr": {level: metrics}, "cross": {level: metrics}, "ident": {level: CMC}} (levels as str,
+    "HR" for the undegraded crop)."""
+    e = _unit(view.embeddings)
+    hr = 0
+    result: Dict[str, Dict[str, Dict[str, float]]] = {"vlr": {}, "cross": {}, "ident": {}}
+    for k, level in enumerate(evalset.levels):
+        name = "HR" if k == hr else str(level)
+        scores = np.einsum("ij,ij->i", e[k, evalset.pair_a], e[k, evalset.pair_b])
+        result["vlr"][name] = verification(scores, evalset.same)
+        if k != hr:
+            cross = np.einsum("ij,ij->i", e[hr, evalset.pair_a], e[k, evalset.pair_b])
+            result["cross"][name] = verification(cross, evalset.same)
+        cmc = ev.cmc(e[k, evalset.probes], evalset.probe_labels, e[hr, evalset.gallery], evalset.gallery_labels, RANKS)
+        result["ident"][name] = {f"rank-{r}": float(cmc[r]) for r in RANKS}
+    return result
+
+
+def cmc_curves(view: Views, evalset: EvalSet, max_rank: int = 20) -> Dict[str, List[float]]:
+    """{level: identification rate at ranks 1..max_rank} of the probes at each level."""
+    e = _unit(view.embeddings)
+    return {("HR" if k == 0 else str(level)): ev.cmc_curve(e[k, evalset.probes], evalset.probe_labels,
+                                                          e[0, evalset.gallery], evalset.gallery_labels,
+                                                          max_rank).tolist()
+            for k, level in enumerate(evalset.levels)}
+
+
+def erc_scores(view: Views, evalset: EvalSet) -> np.ndarray:
+    """Comparison scores of the quality pairs, each side at its drawn resolution."""
+    level = {v: k for k, v in enumerate(evalset.levels)}
+    la = np.vectorize(level.get)(evalset.erc_res_a)
+    lb = np.vectorize(level.get)(evalset.erc_res_b)
+    e = _unit(view.embeddings)
+    return np.einsum("ij,ij->i", e[la, evalset.erc_a], e[lb, evalset.erc_b])
+
+
+def pair_qualities(per_image: np.ndarray, evalset: EvalSet) -> tuple:
+    """(quality of side a, of side b) of the quality pairs from a [L, N] per-image score."""
+    level = {v: k for k, v in enumerate(evalset.levels)}
+    la = np.vectorize(level.get)(evalset.erc_res_a)
+    lb = np.vectorize(level.get)(evalset.erc_res_b)
+    return per_image[la, evalset.erc_a], per_image[lb, evalset.erc_b]
+
+
+def resolution_map(evalset: EvalSet) -> np.ndarray:
+    """The true resolution as a [L, N] per-image score."""
+    return np.repeat(np.asarray(evalset.levels, np.float64)[:, None], len(evalset.rows), axis=1)
+
+
+def ercs(scores: np.ndarray, evalset: EvalSet, qualities: Mapping[str, np.ndarray], *,
+         seed: int = 0) -> Dict[str, Dict[str, "ev.ErcResult"]]:
+    """{threshold_mode: {quality: ErcResult}} for [L, N] per-image qualities, plus `random`."""
+    rng = np.random.default_rng(seed + 7)
+    per_image = dict(qualities)
+    per_image["random"] = rng.random(next(iter(qualities.values())).shape)
+    out: Dict[str, Dict[str, ev.ErcResult]] = {}
+    for mode in THRESHOLD_MODES:
+        out[mode] = {}
+        for name, q in per_image.items():
+            qa, qb = pair_qualities(q, evalset)
+            out[mode][name] = ev.erc(scores, evalset.erc_same, qa, qb, fmrs=ERC_FMRS, threshold_mode=mode)
+    return out
+
+
+def resolution_correlation(qualities: Mapping[str, np.ndarray], evalset: EvalSet) -> Dict[str, float]:
+    """Spearman correlation of each [L, N] quality with the true resolution, over all images."""
+    truth = resolution_map(evalset).ravel()
+    return {name: spearman(q.ravel(), truth) if np.isfinite(q).all() else math.nan for name, q in qualities.items()}
