@@ -67,6 +67,12 @@ class FaceArrays(Dataset):
         labelled = self.labels[self.labels >= 0]
         return int(labelled.max()) + 1 if len(labelled) else 0
 
+    @property
+    def class_names(self) -> list[str]:
+        """"id0000", "id0001", ...: label k's name (in-memory sets, like the synthetic one, have
+        numbered identities only)."""
+        return [f"id{label:04d}" for label in range(self.num_classes)]
+
     def tensors(self, indices: np.ndarray | None = None) -> torch.Tensor:
         """All (or the indexed) images as one normalised float32 batch [N, 3, H, W]."""
         return to_tensor(self.images if indices is None else self.images[indices])
