@@ -34,14 +34,14 @@ class CsvLog:
 
 
 class TrainLog:
-    """The sinks of one run from step `step` on: `output_dir`/log.csv when `csv`,
+    """The sinks of one run from step `step` on: `output_dir`/log.csv when `log_csv`,
     `output_dir`/tb (TensorBoard, purged past `step` on resume) when `tensorboard`, and a tqdm
     bar to `total` steps when `progress` (off without a TTY). A context manager: leaving it
     closes the bar and the TensorBoard writer."""
 
-    def __init__(self, output_dir: Path, step: int, total: int, *, csv: bool, tensorboard: bool, progress: bool,
+    def __init__(self, output_dir: Path, step: int, total: int, *, log_csv: bool, tensorboard: bool, progress: bool,
                  desc: str = "") -> None:
-        self.csv = CsvLog(output_dir / "log.csv", step) if csv else None
+        self.csv = CsvLog(output_dir / "log.csv", step) if log_csv else None
         self.writer: Optional[Any] = None
         self.bar: Optional[Any] = None
         if tensorboard:

@@ -260,7 +260,7 @@ class Trainer:
         leader = self.ranks.leader
         if leader:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        sinks = TrainLog(self.output_dir, self.step, self.config.steps, csv=leader,
+        sinks = TrainLog(self.output_dir, self.step, self.config.steps, log_csv=leader,
                          tensorboard=self.config.tensorboard and leader, progress=self.config.progress and leader,
                          desc=f"{self.config.method} {self.config.arch}")
         tick, seen = time.perf_counter(), 0

@@ -77,7 +77,7 @@ def decode_resized(source: ImageSource, image_size: int, name: Optional[str] = N
     pixels = decode_image(source, name)
     native = min(pixels.shape[:2])
     if pixels.shape[:2] != (image_size, image_size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC))
+        pixels = np.array(Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BICUBIC))
     return pixels, native
 
 

@@ -150,7 +150,14 @@ class RecordIODataset(Dataset):
     native resolution), as `FaceArrays` gives them.
 
     idx_path: the .idx file; None uses the .idx beside the .rec when there is one, else the .rec
-    is scanned from start to end (record n gets key n). Images are resized to image_size.
+    is scanned from start to end (record n gets key n). Images are decoded by
+    `ree.data.images.decode_image` and resized to image_size. `class_names` are the labels as
+    strings.
+
+    Raises:
+        FileNotFoundError: no .rec file.
+        RecordIOError: a malformed file, or one without images (no record, or a header record
+            that announces none); the message names the file.
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
