@@ -1,5 +1,5 @@
-"""Shared by the test modules and the benchmarks: backends under test, inputs with planted
-cases, and the docs/spec.md §5 comparison against the float64 reference."""
+"""Shared by the kernel test modules: backends under test, inputs with planted cases, and the
+docs/spec.md §5 comparison against the float64 reference."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Sequence

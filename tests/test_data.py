@@ -43,7 +43,7 @@ def test_synthetic_shapes_labels_and_resolutions(tiny):
         assert split.images.shape == (ids * per, 16, 16, 3) and split.images.dtype == np.uint8
         assert split.labels.dtype == np.int64 and split.resolutions.dtype == np.int64
         np.testing.assert_array_equal(split.labels, np.repeat(np.arange(ids), per))
-        assert split.num_classes == ids
+        assert split.num_classes == ids and split.class_names == [f"id{k:04d}" for k in range(ids)]
         assert ((split.resolutions >= 6) & (split.resolutions <= 16)).all()
     everything = np.concatenate([s.resolutions for s in tiny])
     assert len(np.unique(everything)) > 3  # drawn, not constant

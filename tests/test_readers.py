@@ -38,7 +38,7 @@ def test_image_folder(tmp_path):
     (tmp_path / "carol" / "notes.txt").write_text("not an image")
     (tmp_path / "stray.png").write_bytes(_png(9)[0])  # outside any identity folder
     ds = ImageFolderDataset(tmp_path, image_size=8)
-    assert ds.classes == ["alice", "bob", "carol"] and ds.num_classes == 3
+    assert ds.classes == ds.class_names == ["alice", "bob", "carol"] and ds.num_classes == 3
     assert len(ds) == 6 and ds.labels.tolist() == [0, 1, 1, 2, 2, 2]
     image, label, resolution = ds[1]
     assert (label, resolution) == (1, 8) and image.dtype == torch.float32
@@ -62,6 +62,21 @@ def test_image_folder_errors(tmp_path):
         ds[0]
     with pytest.raises(ValueError, match="image_size"):
         ImageFolderDataset(tmp_path, 0)
+
+
+def test_an_empty_identity_folder_is_refused_naming_it(tmp_path):
+    for name in ("alice", "bob", "carol"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "alice" / "0.png").write_bytes(_png(0)[0])
+    (tmp_path / "carol" / "0.png").write_bytes(_png(1)[0])
+    (tmp_path / "bob" / "notes.txt").write_text("no image here")
+    # bob would be label 1, a class without a single image
+    with pytest.raises(ValueError, match=f"identity folder {tmp_path / 'bob'} holds no images"):
+        ImageFolderDataset(tmp_path, 8)
+    (tmp_path / "bob" / "0.jpg").write_bytes(b"")  # an image file, even unreadable, is an image of bob
+    assert ImageFolderDataset(tmp_path, 8).labels.tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="no identity folders"):
+        ImageFolderDataset(tmp_path / "alice", 8)
 
 
 # ---------------------------------------------------------------------------- RecordIO
@@ -109,7 +124,7 @@ def test_recordio_reads_images_and_labels(tmp_path, with_header, with_idx):
     assert ds.idx_path == (str(tmp_path / "train.idx") if with_idx else None)
     assert len(ds) == 5
     assert ds.keys == ([1, 2, 3, 4, 5] if with_header else [0, 1, 2, 3, 4])
-    assert ds.labels.tolist() == labels and ds.num_classes == 3
+    assert ds.labels.tolist() == labels and ds.num_classes == 3 and ds.class_names == ["0", "1", "2"]
     for i in range(5):
         image, label, resolution = ds[i]
         assert (label, resolution) == (labels[i], 8)
@@ -192,3 +207,17 @@ def test_recordio_errors_name_the_file(tmp_path):
         RecordIODataset(tmp_path / "absent.rec", image_size=8)
     with pytest.raises(ValueError, match="image_size"):
         RecordIODataset(rec, image_size=0)
+
+
+def test_recordio_without_images_is_refused(tmp_path):
+    # insightface's header record announcing keys 1..0: no image, followed by identity records
+    write_recordio(tmp_path / "none.rec", [pack_payload([1, 3], b""), pack_payload([1, 1], b""),
+                                           pack_payload([1, 1], b"")], tmp_path / "none.idx")
+    with pytest.raises(RecordIOError, match=r"none.rec: the header record announces no images"):
+        RecordIODataset(tmp_path / "none.rec", image_size=8)
+    (tmp_path / "empty.rec").write_bytes(b"")
+    with pytest.raises(RecordIOError, match=r"empty.rec: holds no records"):
+        RecordIODataset(tmp_path / "empty.rec", image_size=8)
+    (tmp_path / "empty.idx").write_text("")
+    with pytest.raises(RecordIOError, match=r"empty.idx: holds no records"):
+        RecordIODataset(tmp_path / "empty.rec", image_size=8)

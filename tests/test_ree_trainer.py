@@ -8,6 +8,7 @@ import torch
 
 from ree import checkpoint as ckpt
 from ree.config import TrainConfig
+from ree.logs import LOG_FIELDS, TrainLog
 from ree.train import EpochBatchSampler, Trainer, WarmupSchedule
 
 
@@ -112,6 +113,38 @@ def test_log_csv_reads_as_one_run_after_resume(tmp_path, faces):
     assert [int(r["step"]) for r in rows] == [2, 4, 5, 6]
     for r in rows:
         assert all(np.isfinite(float(r[k])) for k in ("loss", "cls", "l1", "id", "mse", "lr"))
+
+
+def test_train_log_writes_every_sink(tmp_path):
+    row = {key: float(k) for k, key in enumerate(LOG_FIELDS)}
+    with TrainLog(tmp_path, 0, 4, log_csv=True, tensorboard=True, progress=True, desc="t") as sinks:
+        for step in (1, 2, 3):
+            sinks.advance()
+            sinks.write({**row, "step": step})
+    with open(tmp_path / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert "train/step" not in events.Tags()["scalars"]
+    with TrainLog(tmp_path, 2, 4, log_csv=True, tensorboard=False, progress=False):  # resumed at step 2
+        pass
+    with open(tmp_path / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_the_split_modules_keep_the_public_names_of_ree_train():
+    import ree.train
+    from ree import devices, logs, sampler, schedule
+    from ree.data import sources
+
+    assert ree.train.WarmupSchedule is schedule.WarmupSchedule
+    assert ree.train.EpochBatchSampler is sampler.EpochBatchSampler
+    assert ree.train.build_dataset is sources.build_dataset
+    assert ree.train.resolve_device is devices.resolve_device and ree.train.autocast_dtype is devices.autocast_dtype
+    assert ree.train.LOG_FIELDS is logs.LOG_FIELDS
 
 
 def test_bf16_autocast_path_runs(tmp_path, faces):

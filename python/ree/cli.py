@@ -132,7 +132,7 @@ def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
     import torch
 
     from .distributed import launch, launched_world, process_group_from_env
-    from .train import resolve_device
+    from .devices import resolve_device
 
     config = _train_config(args, parser)
     launched = launched_world()
@@ -214,7 +214,7 @@ def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from .checkpoint import load_model
     from .data.folders import load_images
     from .models.ree_model import embed
-    from .train import resolve_device
+    from .devices import resolve_device
 
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a directory")

@@ -1,6 +1,6 @@
 """Multi-process training: the launcher, the process group from torchrun's environment, and what
-the trainer does across ranks (BatchNorm over all ranks, the global gradient norm, the layout of
-checkpoints, the checks every rank must share).
+the trainer does across ranks (BatchNorm over all ranks, the global gradient norm, the checks
+every rank must share). The layout of checkpoints across ranks is `ree.checkpoint_layout`.
 
 `ree train --nproc N` re-runs the same command in N processes through torch.distributed.run
 (`torchrun --standalone`); under torchrun (or any launcher that sets WORLD_SIZE, RANK and
@@ -16,13 +16,11 @@ import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from ree_kernels.distributed import gather_shard, shard_range
 
 
 @dataclass(frozen=True)
@@ -246,29 +244,3 @@ def write_on_leader(write: Callable[[], None], ranks: Ranks, what: str) -> None:
             raise OSError(f"rank 0 failed to write {what}: {status[0]}")
     if error is not None:
         raise error
-
-
-def gather_sharded_state(optimizer_state: Dict[str, Any], index: int, shard: torch.Tensor, num_classes: int,
-                         ranks: Ranks) -> Optional[Dict[str, Any]]:
-    """`optimizer.state_dict()` whose state of parameter `index`, this rank's rows of a tensor of
-    `num_classes` rows split by `shard_range` (SGD momentum, Adam moments), is gathered whole,
-    on rank 0 (None on the others): the single-process layout. A collective."""
-    if index not in optimizer_state["state"]:  # no step yet: the same on every rank
-        return optimizer_state if ranks.leader else None
-    whole = {key: gather_shard(value, num_classes, process_group=ranks.group, dst=0)
-             if isinstance(value, torch.Tensor) and value.shape == shard.shape else value
-             for key, value in sorted(optimizer_state["state"][index].items())}
-    if not ranks.leader:
-        return None
-    return {**optimizer_state, "state": {**optimizer_state["state"], index: whole}}
-
-
-def shard_state(optimizer_state: Dict[str, Any], index: int, full_shape: torch.Size, ranks: Ranks) -> Dict[str, Any]:
-    """The inverse of `gather_sharded_state` for this rank (any world size): the state of
-    parameter `index` cut to this rank's rows of `full_shape`."""
-    if index not in optimizer_state["state"]:
-        return optimizer_state
-    start, stop = shard_range(full_shape[0], ranks.rank, ranks.world)
-    mine = {key: value[start:stop].clone() if isinstance(value, torch.Tensor) and value.shape == full_shape else value
-            for key, value in optimizer_state["state"][index].items()}
-    return {**optimizer_state, "state": {**optimizer_state["state"], index: mine}}

@@ -1,18 +1,23 @@
 """The trainer: one loop for REE and the ArcFace baseline, resumable bitwise.
 
 `Trainer(config).fit()` trains `config.steps` optimiser steps of `config.batch_size` images
-(plus `config.uis_per_batch` synthesised UIs for REE), logs to CSV, TensorBoard and a tqdm bar,
-and writes `last.pt` atomically every `save_every` steps and at the end. `Trainer(config,
-resume=path)` continues a run exactly: the checkpoint restores every state the loop reads
-(parameters, BN statistics, optimiser, scheduler, UI tracker, RNGs, sampler position).
+(plus `config.uis_per_batch` synthesised UIs for REE), logs to CSV, TensorBoard and a tqdm bar
+(`ree.logs`), and writes `last.pt` atomically every `save_every` steps and at the end.
+`Trainer(config, resume=path)` continues a run exactly: the checkpoint restores every state the
+loop reads (parameters, BN statistics, optimiser, scheduler, UI tracker, RNGs, sampler
+position) after checking that it belongs to this run and this training set's classes.
 
 Multi-process (torch.distributed initialised by the caller, e.g. `ree train --nproc N`): each
 rank takes every N-th row of the global batch, the model runs under DDP, the prototypes are
 sharded by class (`ShardedArcFaceHead`), and rank 0 logs and writes checkpoints in the
-single-process layout, which resume at any number of processes (docs/scaling.md)."""
+single-process layout (`ree.checkpoint_layout`), which resume at any number of processes
+(docs/scaling.md).
+
+The pieces live in their own modules (`ree.schedule`, `ree.sampler`, `ree.logs`,
+`ree.checkpoint_layout`, `ree.devices`, `ree.data.sources`); their public names are importable
+from here as well."""
 from __future__ import annotations
 
-import csv
 import math
 import random
 import time
@@ -22,103 +27,22 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from ree_kernels.distributed import shard_state_dict
-
 from . import checkpoint as ckpt
-from . import distributed
+from . import checkpoint_layout, distributed
+from .config import RESUME_MUTABLE, TrainConfig
 from .data.arrays import to_tensor
 from .data.degrade import downsample, draw_uis, synthesize_uis
-from .config import RESUME_MUTABLE, TrainConfig
+from .data.sources import build_dataset, class_names, num_classes
+from .devices import autocast_dtype, resolve_device
 from .distributed import Ranks
+from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
 from .models.ree_model import REEModel
+from .sampler import EpochBatchSampler
+from .schedule import WarmupSchedule
 
-LOG_FIELDS = ("step", "epoch", "lr", "loss", "cls", "l1", "id", "mse", "ri_mean", "cos_pos", "ui_mu",
-              "grad_norm", "images_per_s")
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA when available, else the CPU; CUDA means the current GPU (LOCAL_RANK's in a
-    multi-process run)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on CUDA by default ("auto"), off on the CPU unless amp="bf16"."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    return torch.bfloat16
-
-
-def build_dataset(config: TrainConfig):
-    """The training set named by `config.data`: "synthetic" (ree.data.synthetic's train split,
-    cached under `cache_dir`), a directory (ImageFolder) or a `.rec` file (RecordIO)."""
-    size = config.model_config().resolved_input_size
-    if config.data == "synthetic":
-        from .data.synthetic import SyntheticConfig, generate
-        return generate(SyntheticConfig(**{"image_size": size, **config.synthetic}), cache_dir=config.cache_dir).train
-    path = Path(config.data)
-    if path.is_dir():
-        from .data.folders import ImageFolderDataset
-        return ImageFolderDataset(path, image_size=size)
-    if path.suffix == ".rec" and path.is_file():
-        from .data.folders import RecordIODataset
-        return RecordIODataset(path, image_size=size)
-    raise ValueError(f"data must be 'synthetic', an ImageFolder directory or a .rec file; {config.data!r} is none")
-
-
-class WarmupSchedule:
-    """LR factor at a step: linear warm-up from 0, then cosine to 0 or step decay by `gamma`
-    at `milestones` (fractions of the steps after warm-up). A class, so LambdaLR saves it."""
-
-    def __init__(self, steps: int, warmup: int, kind: str, milestones: tuple, gamma: float) -> None:
-        self.steps, self.warmup, self.kind = steps, min(warmup, steps), kind
-        self.milestones, self.gamma = tuple(milestones), gamma
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(self.steps - self.warmup, 1)
-        if self.kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return self.gamma ** sum(progress >= m for m in self.milestones)
-
-
-class EpochBatchSampler:
-    """Batches of indices as a function of the global step: epoch e is a permutation seeded by
-    (seed, e), cut into `len // batch_size` batches (the remainder is dropped). The sampler's
-    position is therefore the step, and a resumed run draws the very same batches."""
-
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
-        if num_samples < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {num_samples} training images")
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.steps_per_epoch = num_samples // batch_size
-        self._epoch, self._perm = -1, None
-
-    def position(self, step: int) -> Dict[str, int]:
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "offset": offset, "seed": self.seed, "num_samples": self.num_samples,
-                "batch_size": self.batch_size}
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, offset = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=generator)
-        return self._perm[offset * self.batch_size:(offset + 1) * self.batch_size]
-
-    def iterate(self, start: int, stop: int, rank: int = 0, world: int = 1) -> Iterator[List[int]]:
-        """The batches of steps [start, stop); with `world` processes, rank's share: every
-        world-th index from the rank-th."""
-        for step in range(start, stop):
-            yield self.indices(step)[rank::world].tolist()
+__all__ = ["Trainer", "build_dataset", "resolve_device", "autocast_dtype", "WarmupSchedule", "EpochBatchSampler",
+           "LOG_FIELDS"]
 
 
 class Trainer:
@@ -144,7 +68,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)
         self.dataset = build_dataset(config) if dataset is None else dataset
-        self.num_classes = _num_classes(self.dataset)
+        self.num_classes = num_classes(self.dataset)
+        self.class_names = class_names(self.dataset)
         self._seed_everything(config.seed)  # after the data, whose loading may draw random numbers
         model = REEModel(config.model_config())
         if config.sync_bn and self.ranks.world > 1:
@@ -199,25 +124,14 @@ class Trainer:
         """The checkpoint, in the single-process layout at any world size (the whole head and
         its optimiser state; the model's BN statistics and global RNGs of rank 0, every rank's
         RNGs under "rank_rng"). With several ranks a collective, and None except on rank 0."""
-        criterion, optimizer = self.criterion.state_dict(), self.optimizer.state_dict()
-        rng, extra = ckpt.rng_state(self.generator), {}
-        if self.ranks.world > 1:
-            head = self.criterion.head
-            full = head.gather_state_dict(dst=0)
-            optimizer = distributed.gather_sharded_state(optimizer, self._head_index, head.weight, head.num_classes,
-                                                         self.ranks)
-            rank_rng = distributed.gather_objects(rng, self.ranks)
-            if not self.ranks.leader:
-                return None
-            criterion = {k: full["weight"] if k == "head.weight" else v for k, v in criterion.items()
-                         if k != "head._extra_state"}
-            extra = {"world_size": self.ranks.world, "rank_rng": rank_rng}
+        parts = checkpoint_layout.gather(self.criterion, self.optimizer, self._head_index,
+                                         ckpt.rng_state(self.generator), self.ranks)
+        if parts is None:
+            return None
         return {
             "format": ckpt.FORMAT, "version": ckpt.VERSION, "config": self.config.to_dict(), "step": self.step,
-            "num_classes": self.num_classes, "model": self.model.state_dict(),
-            "criterion": criterion, "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(), "rng": rng,
-            "sampler": self.sampler.position(self.step), **extra,
+            "num_classes": self.num_classes, "class_names": self.class_names, "model": self.model.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.position(self.step), **parts,
         }
 
     def save_checkpoint(self, path: Optional[str | Path] = None) -> Path:
@@ -228,6 +142,11 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Continues from checkpoint `path` (see the class doc).
+
+        Raises:
+            CheckpointError (naming `path`): unreadable or unsafe, another run's, another
+                training set's (classes or size), or a state that does not fit."""
         # On the CPU: every rank reads the whole head and takes its rows; load_state_dict copies
         # them to the device.
         state = ckpt.load(path, map_location="cpu")
@@ -239,51 +158,25 @@ class Trainer:
         if diff:
             listed = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
             raise ckpt.CheckpointError(f"checkpoint {path} belongs to a different run ({listed})")
+        ckpt.check_classes(state, self.num_classes, self.class_names, path)
         expected = self.sampler.position(int(state["step"]))
         if state["sampler"] != expected:
             raise ckpt.CheckpointError(f"checkpoint {path} was taken on another training set or sampler: "
                                        f"{state['sampler']} vs {expected}")
         ckpt.load_state(self.model, state["model"], "model", path)
-        criterion, optimizer = state["criterion"], state["optimizer"]
-        if self.ranks.world > 1:
-            criterion, optimizer = self._shard_checkpoint(criterion, optimizer, path)
-        ckpt.load_state(self.criterion, criterion, "loss (prototypes / UI tracker)", path)
+        mine = checkpoint_layout.scatter(state, self.criterion, self._head_index, self.ranks, path)
+        ckpt.load_state(self.criterion, mine.criterion, "loss (prototypes / UI tracker)", path)
         try:
-            self.optimizer.load_state_dict(optimizer)
+            self.optimizer.load_state_dict(mine.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            self._set_rng_state(state)
+            if mine.rng is not None:
+                ckpt.set_rng_state(mine.rng, self.generator)
+            else:  # a rank the saved run did not have: the shared flip/UI stream, its own dropout stream
+                ckpt.set_rng_state(state["rng"], self.generator)
+                self._seed_everything(self.config.seed + self.ranks.rank)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
             raise ckpt.CheckpointError(f"checkpoint {path} has an unusable optimiser/scheduler/RNG state: {err}") from err
         self.step = int(state["step"])
-
-    def _shard_checkpoint(self, criterion: Dict[str, Any], optimizer: Dict[str, Any], path: str | Path) -> tuple:
-        """This rank's rows of the checkpoint's whole head and of its optimiser state."""
-        head = self.criterion.head
-        full = criterion.get("head.weight")
-        expected = (head.num_classes, head.weight.shape[1])
-        if not isinstance(full, torch.Tensor) or tuple(full.shape) != expected:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this loss (prototypes / UI tracker): head.weight "
-                                       f"is {tuple(getattr(full, 'shape', ()))}, expected {expected}")
-        mine = shard_state_dict({"weight": full, "_extra_state": {"num_classes": expected[0], "class_start": 0,
-                                                                  "class_stop": expected[0]}},
-                                self.ranks.rank, self.ranks.world)
-        criterion = {**{k: v for k, v in criterion.items() if k != "head.weight"},
-                     "head.weight": mine["weight"], "head._extra_state": mine["_extra_state"]}
-        try:
-            optimizer = distributed.shard_state(optimizer, self._head_index, full.shape, self.ranks)
-        except (KeyError, TypeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {path} has an unusable optimiser state: {err!r}") from err
-        return criterion, optimizer
-
-    def _set_rng_state(self, state: Dict[str, Any]) -> None:
-        """Rank r continues the streams rank r saved; a rank the saved run did not have takes
-        the shared flip/UI stream and seeds its own dropout stream as a fresh run would."""
-        saved = state.get("rank_rng") or [state["rng"]]
-        if self.ranks.rank < len(saved):
-            ckpt.set_rng_state(saved[self.ranks.rank], self.generator)
-        else:
-            ckpt.set_rng_state(state["rng"], self.generator)
-            self._seed_everything(self.config.seed + self.ranks.rank)
 
     # ----------------------------------------------------------------------------------- loop
 
@@ -371,38 +264,22 @@ class Trainer:
         leader = self.ranks.leader
         if leader:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = _CsvLog(self.output_dir / "log.csv", self.step) if leader else None
-        writer = _tensorboard(self.output_dir / "tb", self.step) if self.config.tensorboard and leader else None
-        bar = _progress(self.config.progress and leader, self.step, self.config.steps,
-                        f"{self.config.method} {self.config.arch}")
+        sinks = TrainLog(self.output_dir, self.step, self.config.steps, log_csv=leader,
+                         tensorboard=self.config.tensorboard and leader, progress=self.config.progress and leader,
+                         desc=f"{self.config.method} {self.config.arch}")
         tick, seen = time.perf_counter(), 0
-        try:
+        with sinks:
             for images, labels in self._batches(self.step, stop):
                 losses, grad_norm = self.train_step(images, labels)
                 seen += self.config.batch_size + self.config.uis_per_batch
-                if bar is not None:
-                    bar.update(1)
+                sinks.advance()
                 self._check_finite(losses.total)
                 if self.step % self.config.log_every == 0 or self.step == stop:
-                    rate = seen / max(time.perf_counter() - tick, 1e-9)
-                    row = self._log_row(losses, grad_norm, rate)
-                    if log is not None:
-                        log.write(row)
-                    if writer is not None:
-                        for key, value in row.items():
-                            if key != "step":
-                                writer.add_scalar(f"train/{key}", value, self.step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", cls=f"{row['cls']:.3f}", img_s=f"{rate:.0f}")
+                    sinks.write(self._log_row(losses, grad_norm, seen / max(time.perf_counter() - tick, 1e-9)))
                     tick, seen = time.perf_counter(), 0
                 if self.step % self.config.save_every == 0 and self.step != stop:
                     self.save_checkpoint()
             return self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
 
     def _check_finite(self, total: torch.Tensor) -> None:
         """FloatingPointError on every rank when the loss of any rank is not finite."""
@@ -429,46 +306,3 @@ class Trainer:
             "l1": l1, "id": id_, "mse": mse, "ri_mean": ri_mean, "cos_pos": cos_pos,
             "ui_mu": float(self.criterion.tracker.mu), "grad_norm": float(grad_norm), "images_per_s": rate,
         }
-
-
-def _num_classes(dataset: Any) -> int:
-    if hasattr(dataset, "num_classes"):
-        return int(dataset.num_classes)
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        raise ValueError("the training set needs a num_classes or labels attribute")
-    return int(np.max(np.asarray(labels))) + 1
-
-
-class _CsvLog:
-    """log.csv, appended to; a resumed run first drops the rows past its checkpoint's step
-    (written by the interrupted run after its last checkpoint), so the log reads as one run."""
-
-    def __init__(self, path: Path, step: int) -> None:
-        self.path = path
-        rows = []
-        if step > 0 and path.is_file():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with path.open("w", newline="") as f:
-            out = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            out.writeheader()
-            out.writerows(rows)
-
-    def write(self, row: Dict[str, float]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
-
-
-def _tensorboard(log_dir: Path, step: int):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(log_dir), purge_step=step if step > 0 else None)
-
-
-def _progress(enabled: bool, start: int, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, leave=False, disable=None)  # off without a TTY

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -30,12 +32,14 @@ class FaceArrays(Dataset):
 
     images: uint8 [N, H, W, 3]; labels: int64 [N] (IGNORE_LABEL for unlabelled images);
     resolutions: int64 [N], the pixel size each face was degraded to (the native size for
-    undegraded sets). Items are (image float32 [3, H, W] normalised, label, resolution).
+    undegraded sets); names: label k's identity name, or None for numbered identities. Items
+    are (image float32 [3, H, W] normalised, label, resolution).
     """
 
     images: np.ndarray
     labels: np.ndarray
     resolutions: np.ndarray
+    names: Optional[Sequence[str]] = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images)
@@ -66,6 +70,14 @@ class FaceArrays(Dataset):
         """Size a classifier needs: 1 + the largest label (ignored labels do not count)."""
         labelled = self.labels[self.labels >= 0]
         return int(labelled.max()) + 1 if len(labelled) else 0
+
+    @property
+    def class_names(self) -> list[str]:
+        """Label k's name: `names`, else "id0000", "id0001", ... (numbered identities, like the
+        synthetic set's)."""
+        if self.names is not None:
+            return list(self.names)
+        return [f"id{label:04d}" for label in range(self.num_classes)]
 
     def tensors(self, indices: np.ndarray | None = None) -> torch.Tensor:
         """All (or the indexed) images as one normalised float32 batch [N, 3, H, W]."""

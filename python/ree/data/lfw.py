@@ -21,7 +21,6 @@ its README, section 3c).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import tarfile
@@ -33,6 +32,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 
 import numpy as np
 from PIL import Image
+
+from .images import decode_image
 
 
 IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
@@ -231,16 +232,6 @@ def pair_people(folds: Sequence[Sequence[Pair]]) -> List[str]:
 
 # -------------------------------------------------------------------------------------------- images
 
-def _decode(data: bytes, name: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of a JPEG, fully decoded (a truncated file is an error, not half an image)."""
-    try:
-        with Image.open(io.BytesIO(data)) as picture:
-            picture.load()
-            return np.asarray(picture.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{name}: not a readable image ({err})") from err
-
-
 def _crop_box(width: int, height: int) -> Tuple[int, int, int, int]:
     top, bottom, left, right = FACE_BOX
     return (round(left * width), round(top * height), round(right * width), round(bottom * height))
@@ -335,7 +326,7 @@ def load_crops(source: LfwSource, size: int, cache_dir: str | os.PathLike | None
         match = _IMAGE_NAME.match(os.path.basename(name.split(":")[-1]))
         if match is None or match["name"] != person:
             raise ValueError(f"{name}: not an LFW image name (expected {person}/{person}_<NNNN>.jpg)")
-        images.append(face_crop(_decode(read(), name), size))
+        images.append(face_crop(decode_image(read(), name), size))
         people.append(person)
         numbers.append(int(match["num"]))
     if not images:

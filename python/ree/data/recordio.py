@@ -13,17 +13,16 @@ keys 1 .. a-1. Without it, every key is an image.
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from .arrays import to_tensor
+from .images import decode_resized
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -146,26 +145,19 @@ def _read_index(path: str) -> dict[int, int]:
     return index
 
 
-def decode_image(data: bytes | str | os.PathLike, image_size: int, name: str) -> tuple[np.ndarray, int]:
-    """(uint8 [image_size, image_size, 3] RGB, native resolution = the shorter side) from encoded
-    bytes or a file path; a ValueError naming `name` when it is not a readable image."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as picture:
-            picture = picture.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{name}: not a readable image ({error})") from error
-    native = min(picture.size)
-    if picture.size != (image_size, image_size):
-        picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(picture), native
-
-
 class RecordIODataset(Dataset):
     """Images of an insightface .rec file; items (image float32 [3, H, W] normalised, label,
     native resolution), as `FaceArrays` gives them.
 
     idx_path: the .idx file; None uses the .idx beside the .rec when there is one, else the .rec
-    is scanned from start to end (record n gets key n). Images are resized to image_size.
+    is scanned from start to end (record n gets key n). Images are decoded by
+    `ree.data.images.decode_image` and resized to image_size. `class_names` are the labels as
+    strings.
+
+    Raises:
+        FileNotFoundError: no .rec file.
+        RecordIOError: a malformed file, or one without images (no record, or a header record
+            that announces none); the message names the file.
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
@@ -193,10 +185,14 @@ class RecordIODataset(Dataset):
                 first, end = int(labels[0]), int(labels[1])
                 self.keys = list(range(1, first))
                 self.num_classes_in_header = end - first
+                if not self.keys:
+                    raise RecordIOError(f"{self.rec_path}: the header record announces no images (keys 1..{first - 1})")
                 missing = [k for k in self.keys if k not in self._offsets]
                 if missing:
                     raise RecordIOError(f"{self.idx_path or self.rec_path}: the header announces keys 1..{first - 1} "
                                         f"but key {missing[0]} is missing ({len(missing)} missing)")
+        if not self.keys:
+            raise RecordIOError(f"{self.idx_path or self.rec_path}: holds no records (an empty dataset)")
         self._labels = None
 
     def _handle(self):
@@ -223,7 +219,7 @@ class RecordIODataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         key = self.keys[index]
         labels, image = self._record(key)
-        pixels, native = decode_image(image, self.image_size, f"{self.rec_path} record {key}")
+        pixels, native = decode_resized(image, self.image_size, f"{self.rec_path} record {key}")
         return to_tensor(pixels), int(labels[0]), native
 
     def _label(self, key: int) -> int:
@@ -251,4 +247,9 @@ class RecordIODataset(Dataset):
         """From the dataset header when there is one, else 1 + the largest label."""
         if self.num_classes_in_header is not None:
             return self.num_classes_in_header
-        return int(self.labels.max()) + 1 if len(self.keys) else 0
+        return int(self.labels.max()) + 1
+
+    @property
+    def class_names(self) -> list[str]:
+        """The labels as strings, "0", "1", ...: a .rec file does not name its classes."""
+        return [str(label) for label in range(self.num_classes)]

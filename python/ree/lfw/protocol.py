@@ -77,9 +77,7 @@ def training_set(crops: lfw.LfwCrops, chosen: People):
     label_of = {name: k for k, name in enumerate(chosen.train)}
     rows = np.flatnonzero(np.isin(crops.people, chosen.train))
     labels = np.array([label_of[str(p)] for p in crops.people[rows]], np.int64)
-    out = FaceArrays(crops.images[rows], labels, np.full(len(rows), crops.size, np.int64))
-    out.class_names = list(chosen.train)
-    return out
+    return FaceArrays(crops.images[rows], labels, np.full(len(rows), crops.size, np.int64), names=chosen.train)
 
 
 @dataclass

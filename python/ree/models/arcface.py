@@ -24,7 +24,7 @@ class ArcFaceHead(nn.Module):
         module_partial_fc = PartialFC_V2(margin_loss, 512, num_classes, 1.0, False)
         # ree
         from ree.models import ArcFaceHead
-        module_partial_fc = ArcFaceHead(512, num_classes, scale=64.0, margin=0.5)
+        module_partial_fc = ArcFaceHead(512, num_classes, scale=64.0, margin=0.5, margin_mode="arcface_st")
 
         opt = torch.optim.SGD([{"params": backbone.parameters()},
                                {"params": module_partial_fc.parameters()}], lr=0.1, momentum=0.9)
