@@ -113,8 +113,23 @@ def test_train_resume_eval_quality_export(tmp_path, image_folder, capsys):
     image = torch.from_numpy(np.array(Image.open(image_folder / "id0" / "0.png"))).permute(2, 0, 1).float()
     with torch.no_grad():
         out = model(((image / 255 - 0.5) / 0.5)[None])
-    assert abs(float(rows[0]["quality"]) - float(out.quality)) < 1e-4
+    assert list(rows[0]) == ["path", "xi_hat", "feature_norm", "ser_fiq", "ers"]
+    assert abs(float(rows[0]["xi_hat"]) - float(out.quality)) < 1e-4
     assert abs(float(rows[0]["feature_norm"]) - float(out.embedding.norm())) < 1e-3
+    assert all(0.0 < float(r["ser_fiq"]) <= 1.0 and 0.0 <= float(r["ers"]) <= 2.0 for r in rows)
+
+    # any size, RGB or grayscale
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rng = np.random.default_rng(0)
+    for size, mode in ((8, "RGB"), (250, "L"), (37, "L"), (112, "RGB")):
+        pixels = rng.integers(0, 256, (size, size, 3) if mode == "RGB" else (size, size), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(mixed / f"{size}{mode}.png")
+    assert main(["quality", "--checkpoint", str(straight / "last.pt"), "--images", str(mixed),
+                 "--output", str(tmp_path / "m.csv")]) == 0
+    with (tmp_path / "m.csv").open() as f:
+        mixed_rows = list(csv.DictReader(f))
+    assert len(mixed_rows) == 4 and all(np.isfinite(float(v)) for r in mixed_rows for k, v in r.items() if k != "path")
 
     # export: ONNX checked against PyTorch by the command itself
     capsys.readouterr()

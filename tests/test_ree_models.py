@@ -212,3 +212,34 @@ def test_arcface_head_is_a_drop_in_for_insightface_partial_fc():
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
     for a, b in zip(g_ours, g_theirs):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_serfiq_score_rewards_agreeing_passes():
+    from ree.models.ree_model import serfiq_score
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 5, 8, generator=g)
+    same = base.expand(10, 5, 8)
+    noisy = base + 0.3 * torch.randn(10, 5, 8, generator=g)
+    noisier = base + 1.0 * torch.randn(10, 5, 8, generator=g)
+    torch.testing.assert_close(serfiq_score(same), torch.ones(5))
+    assert bool((serfiq_score(noisy) > serfiq_score(noisier)).all())
+    # the formula on two passes: 2·sigmoid(−(2/4)·‖x1 − x2‖) of the normalised embeddings
+    two = torch.randn(2, 3, 4, generator=g)
+    x = torch.nn.functional.normalize(two, dim=2)
+    expected = 2 * torch.sigmoid(-0.5 * (x[0] - x[1]).norm(dim=1))
+    torch.testing.assert_close(serfiq_score(two), expected)
+
+
+def test_embed_serfiq_is_seeded_and_leaves_the_global_rng_alone():
+    model = REEModel(ModelConfig()).eval()
+    images = torch.randn(6, 3, 32, 32)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = embed(model, images, serfiq_passes=4, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = embed(model, images, serfiq_passes=4, seed=1)
+    c = embed(model, images, serfiq_passes=4, seed=2)
+    assert torch.equal(a.serfiq, b.serfiq) and not torch.equal(a.serfiq, c.serfiq)
+    assert a.serfiq.shape == (6,) and bool(((a.serfiq > 0) & (a.serfiq <= 1)).all())
+    assert embed(model, images).serfiq is None

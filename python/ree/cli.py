@@ -1,4 +1,4 @@
-"""`python -m ree` / `ree`: train | eval | quality | export | demo."""
+"""`python -m ree` / `ree`: train | eval | quality | export | demo | lfw."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +10,16 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .config import AMP_MODES, DEVICES, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig
+from ree_kernels.reference import RI_FORMS
+
+from .config import AMP_MODES, DEVICES, DIVERSION_TARGETS, METHODS, OPTIMIZERS, PRM_INPUTS, SCHEDULES, TrainConfig
 from .models.iresnet import BACKBONES
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
             "device": DEVICES, "arch": tuple(BACKBONES),
             "margin_mode": ("arcface", "arcface_easy", "arcface_st", "cosface"),
-            "ri_form": ("product", "ratio", "sum"), "backend": ("auto", "reference", "cpu", "cuda", "triton")}
+            "ri_form": RI_FORMS, "backend": ("auto", "reference", "cpu", "cuda", "triton"),
+            "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS}
 
 
 def _optional_int(text: str) -> Optional[int]:
@@ -70,7 +73,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ree", description="REE face recognition: training, evaluation, "
                                      "quality scoring and ONNX export on the ree_kernels ops.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,quality,export,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,quality,export,demo,lfw}")
 
     train = sub.add_parser("train", help="train REE (or the ArcFace baseline with --method arcface)")
     train.add_argument("--config", type=Path, help="a TrainConfig JSON file (flags override it)")
@@ -89,23 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pairs", type=int, default=6000, help="verification pairs (fewer if the set is small)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
 
-    quality = sub.add_parser("quality", help="score a folder of face images (CSV: path, quality, norm)")
+    quality = sub.add_parser(
+        "quality", help="score a folder of face crops: one CSV row per image with every quality score the checkpoint has",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=QUALITY_COLUMNS)
     quality.add_argument("--checkpoint", type=Path, required=True)
-    quality.add_argument("--images", type=Path, required=True, help="folder searched recursively for images")
+    quality.add_argument("--images", type=Path, required=True,
+                         help="folder searched recursively for images (any size, RGB or grayscale; each is resized "
+                              "to the model input)")
     quality.add_argument("--output", type=Path, required=True, help="CSV file to write")
     quality.add_argument("--batch-size", type=int, default=256)
     quality.add_argument("--device", choices=DEVICES, default="auto")
-
     export = sub.add_parser("export", help="write ONNX (outputs: embedding, quality), checked with onnxruntime")
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--output", type=Path, required=True)
     export.add_argument("--opset", type=int, default=None)
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
-    demo = sub.add_parser("demo", help="the README demo: synthetic data, REE vs ArcFace, report (~10 min)")
+    demo = sub.add_parser("demo", help="the main job: LFW-VLR with REE, ArcFace and CR-FIQA (one seed) when LFW is "
+                          "found, else the synthetic demo; writes a report")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes less, numbers meaningless)")
-    for command in (train, evaluate, quality, export, demo):
+    demo.add_argument("--lfw", type=Path, default=None, help="LFW folder or .tgz (default: $REE_LFW_DIR, then "
+                      "scikit-learn's cache)")
+    demo.add_argument("--synthetic", action="store_true", help="the synthetic demo even where LFW is found")
+    lfw = sub.add_parser("lfw", help="the LFW-VLR benchmark: main table over seeds, or the ablations (docs/lfw.md)",
+                         add_help=False)
+    lfw.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of `python -m ree.lfw` (see --help there)")
+    for command in (train, evaluate, quality, export, demo, lfw):
         command.set_defaults(subparser=command)  # its own usage line in errors
     return parser
 
@@ -210,11 +223,24 @@ def image_paths(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+QUALITY_COLUMNS = """CSV columns (one row per image; for every score, higher means better quality):
+  path          the image, relative to --images
+  xi_hat        REE checkpoints: the predicted recognizability index ξ̂ (the PRM output)
+  cr_fiqa       CR-FIQA checkpoints: the regressed certainty ratio (Boutros et al., CVPR 2023)
+  feature_norm  ‖v‖ of the unnormalised embedding, read as quality as MagFace does
+  ser_fiq       SER-FIQ: agreement of 10 embeddings with dropout on in the embedding layer, in (0, 1]
+                (Terhörst et al., CVPR 2020)
+  ers           REE checkpoints: 1 − cos to the centre of the unrecognizable instances (in [0, 2])
+"""
+
+
 def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
     from .checkpoint import load_model
     from .data.folders import load_images
-    from .models.ree_model import embed
     from .devices import resolve_device
+    from .models.ree_model import embed
 
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a directory")
@@ -225,15 +251,25 @@ def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"--images {args.images} holds no image files")
     device = resolve_device(args.device)
     trained = load_model(args.checkpoint, device)
+    method = trained.config.method
+    head = {"ree": ["xi_hat"], "crfiqa": ["cr_fiqa"]}.get(method, [])
+    with_ers = trained.ui_center is not None
+    u = None if not with_ers else trained.ui_center.float().cpu() / trained.ui_center.float().norm().clamp_min(1e-12)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["path", "quality", "feature_norm"])
+        out.writerow(["path"] + head + ["feature_norm", "ser_fiq"] + (["ers"] if with_ers else []))
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start:start + args.batch_size]
-            scores = embed(trained.model, load_images([str(p) for p in chunk], trained.model.input_size), flip=False)
-            for path, q, n in zip(chunk, scores.quality.tolist(), scores.norm.tolist()):
-                out.writerow([str(path.relative_to(args.images)), f"{q:.6f}", f"{n:.6f}"])
+            images = load_images([str(p) for p in chunk], trained.model.input_size)
+            scores = embed(trained.model, images, flip=False, serfiq_passes=10)
+            ers = None if u is None else 1.0 - torch.nn.functional.normalize(scores.plain, dim=1) @ u
+            for k, path in enumerate(chunk):
+                row = [str(path.relative_to(args.images))]
+                row += [f"{float(scores.quality[k]):.6f}"] * len(head)
+                row += [f"{float(scores.norm[k]):.6f}", f"{float(scores.serfiq[k]):.6f}"]
+                row += [f"{float(ers[k]):.6f}"] if ers is not None else []
+                out.writerow(row)
     print(f"scored {len(paths)} images -> {args.output}")
     return 0
 
@@ -252,7 +288,7 @@ def _command_export(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, quick=args.quick)
+    run_demo(args.output, quick=args.quick, lfw=args.lfw, synthetic=args.synthetic)
     return 0
 
 
@@ -271,6 +307,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _command_quality(args, args.subparser)
         if args.command == "export":
             return _command_export(args)
+        if args.command == "lfw":
+            from .lfw.__main__ import main as lfw_main
+
+            return lfw_main(args.args)
         return _command_demo(args)
     except CheckpointError as err:
         print(f"ree {args.command}: error: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ from .. import evaluation as ev
 from ..data.arrays import to_tensor
 from ..data.degrade import downsample
 from ..evaluation.pipeline import spearman, ui_center_from_images
-from ..models.ree_model import REEModel
+from ..models.ree_model import REEModel, embed
 from .protocol import EvalSet
 
 FARS = (1e-2, 1e-3)
@@ -31,8 +31,6 @@ RANKS = (1, 5, 20)
 ERC_FMRS = (1e-2, 1e-3)
 THRESHOLD_MODES = ("recompute", "fixed")
 SERFIQ_PASSES = 10
-SERFIQ_DROPOUT = 0.5
-"""The dropout of the SER-FIQ passes when the model was trained without dropout (otherwise its own)."""
 FOLDS = 10
 
 
@@ -49,54 +47,25 @@ class Views:
     ers: np.ndarray
 
 
-def serfiq_score(embeddings: torch.Tensor) -> torch.Tensor:
-    """SER-FIQ's quality from m stochastic embeddings [m, N, D] of N images -> [N]."""
-    x = torch.nn.functional.normalize(embeddings.double(), dim=2).transpose(0, 1)  # [N, m, D]
-    m = x.shape[1]
-    distances = torch.cdist(x, x).triu(diagonal=1).sum((1, 2))
-    return 2.0 * torch.sigmoid(-(2.0 / m ** 2) * distances)
-
-
-@torch.no_grad()
 def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center: Optional[torch.Tensor], *,
           seed: int = 0, batch_size: int = 512) -> Views:
-    """Embeds uint8 crops [N, S, S, 3] (S: the model input) at every level (S itself: undegraded),
-    with flip fusion for the embeddings; the qualities come from the unflipped image. ū: the
-    model's UI centre, or None to take it from UIs synthesised out of these images
-    (`ui_center_from_images`). The SER-FIQ dropout masks are drawn from `seed`."""
+    """Embeds uint8 crops [N, S, S, 3] (S: the model input) at every level (S itself: undegraded)
+    with `embed` (flip fusion, SER-FIQ passes). ū: the model's UI centre, or None to take it from
+    UIs synthesised out of these images (`ui_center_from_images`)."""
     size = model.input_size
     if images.ndim != 4 or images.shape[1] != size:
         raise ValueError(f"images must be crops at the model input ({size} px), got shape {images.shape}")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    dropout = model.head.dropout.p or SERFIQ_DROPOUT
-    out: Dict[str, list] = {k: [] for k in ("embeddings", "prm", "serfiq", "plain")}
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for level in levels:
-                per: Dict[str, list] = {k: [] for k in out}
-                for start in range(0, len(images), batch_size):
-                    x = downsample(to_tensor(images[start:start + batch_size]).to(device), level)
-                    result = model(x)
-                    per["embeddings"].append((result.embedding + model(x.flip(3)).embedding).float().cpu())
-                    per["plain"].append(result.embedding.float().cpu())
-                    per["prm"].append(result.quality.float().cpu())
-                    passes = [model.head(result.feature_map, dropout=dropout) for _ in range(SERFIQ_PASSES)]
-                    per["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
-                for k in out:
-                    out[k].append(torch.cat(per[k]))
-    finally:
-        model.train(was_training)
+    crops = to_tensor(images)
+    results = [embed(model, downsample(crops, level), batch_size=batch_size, serfiq_passes=SERFIQ_PASSES, seed=seed)
+               for level in levels]
     if ui_center is None:
-        ui_center = ui_center_from_images(model, to_tensor(images[: min(len(images), 512)]), seed)
-    plain = torch.stack(out["plain"])
+        ui_center = ui_center_from_images(model, crops[: min(len(crops), 512)], seed)
     u = torch.nn.functional.normalize(ui_center.float().cpu(), dim=0)
-    ers = 1.0 - torch.nn.functional.normalize(plain, dim=2) @ u
+    stack = lambda key: torch.stack([getattr(r, key) for r in results])  # noqa: E731
+    ers = 1.0 - torch.nn.functional.normalize(stack("plain"), dim=2) @ u
     as_np = lambda t: t.double().numpy()  # noqa: E731
-    return Views(as_np(torch.stack(out["embeddings"])), as_np(plain.norm(dim=2)), as_np(torch.stack(out["prm"])),
-                 as_np(torch.stack(out["serfiq"])), as_np(ers))
+    return Views(as_np(stack("embeddings")), as_np(stack("norm")), as_np(stack("quality")), as_np(stack("serfiq")),
+                 as_np(ers))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

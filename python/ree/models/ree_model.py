@@ -94,44 +94,76 @@ class REEModel(nn.Module):
         return ModelOutput(embedding, feature_map, self.prm(prm_input), self.pam(feature_map))
 
 
+SERFIQ_DROPOUT = 0.5
+"""The dropout rate of SER-FIQ's passes for a model trained without dropout (else its own rate)."""
+
+
 class Inference(NamedTuple):
     """What `embed` returns, float32 on the CPU: `embeddings` [N, D] (flip-fused when asked),
-    and of the image itself (unflipped): `plain` embeddings [N, D], `quality` ξ̂ [N] and the
-    feature `norm` ‖v‖ [N]."""
+    and of the image itself (unflipped): `plain` embeddings [N, D], `quality` ξ̂ [N] (the PRM
+    output), the feature `norm` ‖v‖ [N], and `serfiq` [N] (SER-FIQ, or None when not asked)."""
 
     embeddings: torch.Tensor
     quality: torch.Tensor
     norm: torch.Tensor
     plain: torch.Tensor
+    serfiq: Optional[torch.Tensor] = None
+
+
+def serfiq_score(embeddings: torch.Tensor) -> torch.Tensor:
+    """SER-FIQ's quality 2·sigmoid(−(2/m²)·Σ_{i<j} ‖x_i − x_j‖) of m stochastic embeddings
+    [m, N, D] of N images, x normalised -> [N] in (0, 1], higher is better (Terhörst et al.,
+    "SER-FIQ: Unsupervised Estimation of Face Image Quality Based on Stochastic Embedding
+    Robustness", CVPR 2020)."""
+    x = nn.functional.normalize(embeddings.double(), dim=2).transpose(0, 1)  # [N, m, D]
+    m = x.shape[1]
+    distances = torch.cdist(x, x).triu(diagonal=1).sum((1, 2))
+    return (2.0 * torch.sigmoid(-(2.0 / m ** 2) * distances)).float()
 
 
 @torch.no_grad()
-def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: int = 256) -> Inference:
+def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: int = 256,
+          serfiq_passes: int = 0, seed: int = 0) -> Inference:
     """Runs `model` in eval mode over [N, 3, S, S] images in batches. With `flip`, the
     embedding is the sum of the image's and its horizontal mirror's (insightface's flip
-    fusion); the quality and the norm come from the image itself."""
+    fusion); the quality and the norm come from the image itself. `serfiq_passes` > 0 adds
+    SER-FIQ from that many passes of the embedding layer with dropout on (the model's rate, or
+    SERFIQ_DROPOUT), its masks drawn from `seed`.
+
+    Raises:
+        ValueError: images not [N, 3, H, W], or batch_size / serfiq_passes not positive ints.
+    """
     if images.dim() != 4:
         raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(serfiq_passes, int) or serfiq_passes < 0 or serfiq_passes == 1:
+        raise ValueError(f"serfiq_passes must be 0 or an int >= 2, got {serfiq_passes!r}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    embeddings, plain, quality = [], [], []
+    dropout = model.head.dropout.p or SERFIQ_DROPOUT
+    parts: Dict[str, list] = {"embeddings": [], "plain": [], "quality": [], "serfiq": []}
     try:
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start:start + batch_size].to(device)
-            out = model(batch)
-            emb = out.embedding.float()
-            plain.append(emb.cpu())
-            if flip:
-                emb = emb + model(batch.flip(3)).embedding.float()
-            embeddings.append(emb.cpu())
-            quality.append(out.quality.float().cpu())
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, images.shape[0], batch_size):
+                batch = images[start:start + batch_size].to(device)
+                out = model(batch)
+                emb = out.embedding.float()
+                parts["plain"].append(emb.cpu())
+                if flip:
+                    emb = emb + model(batch.flip(3)).embedding.float()
+                parts["embeddings"].append(emb.cpu())
+                parts["quality"].append(out.quality.float().cpu())
+                if serfiq_passes:
+                    passes = [model.head(out.feature_map, dropout=dropout) for _ in range(serfiq_passes)]
+                    parts["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
     finally:
         model.train(was_training)
-    if not embeddings:
+    if not parts["embeddings"]:
         empty = torch.empty(0, model.embedding_size)
-        return Inference(empty, torch.empty(0), torch.empty(0), empty)
-    plain = torch.cat(plain)
-    return Inference(torch.cat(embeddings), torch.cat(quality), plain.norm(dim=1), plain)
+        return Inference(empty, torch.empty(0), torch.empty(0), empty, torch.empty(0) if serfiq_passes else None)
+    plain = torch.cat(parts["plain"])
+    return Inference(torch.cat(parts["embeddings"]), torch.cat(parts["quality"]), plain.norm(dim=1), plain,
+                     torch.cat(parts["serfiq"]) if serfiq_passes else None)
