@@ -14,7 +14,7 @@ CUDA_HOME ?= /usr/local/cuda
 REE_CUDA_ARCHS ?= 80;90
 REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-.PHONY: install test bench demo cuda-check cmake-build gpu-check clean
+.PHONY: install test bench bench-lfw demo cuda-check cmake-build gpu-check clean
 
 install: $(BUILD_STAMP)
 
@@ -37,11 +37,15 @@ test: install
 bench: install
 	$(PY) benchmarks/run.py --suite cpu
 
-# The main job: synthetic VLR faces, REE and the ArcFace baseline trained with the same budget,
-# evaluated, the real-data checks, runs/demo/report.md. Idle OpenMP threads must not spin: on
-# a loaded 2-core machine spinning costs several times the training speed.
+# The main job: LFW-VLR (REE, ArcFace and CR-FIQA, one seed) when LFW is found ($(REE_LFW_DIR),
+# else scikit-learn's cache), else the synthetic demo; runs/demo/report.md. Idle OpenMP threads
+# must not spin: on a loaded 2-core machine spinning costs several times the training speed.
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree demo
+
+# The LFW-VLR main table over three seeds, into benchmarks/results/lfw-vlr/ (docs/lfw.md).
+bench-lfw: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree.lfw --suite main --seeds 0 1 2 --output benchmarks/results/lfw-vlr
 
 # Every .cu compiles to an object with nvcc (the kernels are torch-free), and every CUDA glue
 # .cpp passes a syntax check against torch's headers (it uses only device-generic ATen).
