@@ -25,6 +25,10 @@ the last bits of a cosine within 5e-13 of ±1, where the exact sin θ amplifies 
 RATIO_EPS = 1e-6
 """The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
 
+MAX_SCALE = 1000.0
+"""The largest ArcFace scale s the ops take: s·(1 + cos) must stay far inside float32's exponent
+range in the kernels' log-sum-exp (ArcFace uses s = 64)."""
+
 MARGIN_MODES = ("arcface", "arcface_easy", "arcface_st", "cosface")
 RI_FORMS = ("product", "ratio", "sum")
 REDUCTIONS = ("mean", "sum", "none")
@@ -207,6 +211,8 @@ def recognizability_index(
     cos_neg: torch.Tensor,
     cos_ui: Optional[torch.Tensor] = None,
     form: str = "product",
+    *,
+    detach: bool = True,
 ) -> torch.Tensor:
     """[R] The recognizability index ξ from the three distances of docs/spec.md §1.1–§1.3.
 
@@ -215,10 +221,18 @@ def recognizability_index(
     prototype (d^P), but its equation was not available. `product` (default) is
     d^UI·(d^N − d^P): the prototype margin, amplified for faces far from the UI cluster;
     `ratio` is d^UI·d^N / max(d^P, 1e-6); `sum` is d^UI + d^N − d^P. Without a UI centre
-    (`cos_ui` None) d^UI = 1. The result is a target: no gradient flows through it."""
-    d_pos = 1.0 - cos_pos.detach()
-    d_neg = 1.0 - cos_neg.detach()
-    d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui.detach()
+    (`cos_ui` None) d^UI = 1. The result is a target: no gradient flows through it, unless
+    `detach=False` (the differentiable statistics of `arcface_head(differentiable_stats=True)`).
+
+    Raises:
+        ValueError: `form` is not one of RI_FORMS.
+    """
+    if detach:
+        cos_pos, cos_neg = cos_pos.detach(), cos_neg.detach()
+        cos_ui = None if cos_ui is None else cos_ui.detach()
+    d_pos = 1.0 - cos_pos
+    d_neg = 1.0 - cos_neg
+    d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui
     if form == "product":
         return d_ui * (d_neg - d_pos)
     if form == "ratio":
@@ -235,10 +249,57 @@ def head_output(
     ui_center: Optional[torch.Tensor],
     ri_form: str,
 ) -> HeadOutput:
-    """Completes a head pass (any backend) with the UI cosine and the RI."""
-    cos_ui = cosine_to_ui(embeddings.detach(), ui_center)
+    """Completes a head pass (any backend) with the UI cosine and the RI (no gradients)."""
+    cos_ui = cosine_to_ui(embeddings.detach(), None if ui_center is None else ui_center.detach())
     ri = recognizability_index(rows.cos_pos, rows.cos_neg, None if ui_center is None else cos_ui, ri_form)
     return HeadOutput(loss, rows.cos_pos, rows.cos_neg, rows.neg_index, cos_ui, ri, rows.lse)
+
+
+def attach_statistic_gradients(
+    out: HeadOutput,
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    ui_center: Optional[torch.Tensor],
+    *,
+    ignore_index: int,
+    ri_form: str,
+) -> HeadOutput:
+    """`out` with cos_pos, cos_neg, cos_ui and ri differentiable, their values unchanged.
+
+    The gradients are those of the statistics computed without detaching: cos_pos from the
+    label's prototype, cos_neg from the prototype at neg_index (where the maximum's gradient
+    goes), cos_ui from ui_center, and the RI through `recognizability_index(detach=False)`. Only
+    the O(B·D) rows W[y_i], W[neg_index_i] and ū are gathered, so this works unchanged on the
+    output of any backend: each statistic becomes value + (g − g.detach()) where g recomputes
+    it, which adds exactly zero to the value and g's gradient to it. Rows without a statistic
+    (an ignored row's NaN cos_pos and RI, C = 1's cos_neg = −1 at index −1, no ui_center) get no
+    gradient: g is masked there, so their NaN values leak into no other row's gradient."""
+    sdt = out.cos_pos.dtype
+    v = normalize(embeddings.to(sdt))
+    has_target = (labels >= 0) & (labels < prototypes.shape[0]) & (labels != ignore_index)
+    has_negative = out.neg_index >= 0
+
+    def cosine_to(index: torch.Tensor, rows: torch.Tensor, elsewhere: Union[float, torch.Tensor]) -> torch.Tensor:
+        w = normalize(prototypes[torch.where(rows, index, 0)].to(sdt))
+        return torch.where(rows, (v * w).sum(1).clamp(-1.0, 1.0), elsewhere)
+
+    def attach(value: torch.Tensor, graph: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return value.detach() + torch.where(rows, graph - graph.detach(), 0.0)
+
+    # Finite stand-ins where a row has no statistic: a NaN in the RI's graph would turn the zero
+    # gradient of a masked row into NaN (0·NaN) on its way to the shared ui_center.
+    cos_pos = cosine_to(labels, has_target, 0.0)  # the RI of such a row is masked as well
+    cos_neg = cosine_to(out.neg_index, has_negative, out.cos_neg.detach())  # C = 1: the constant −1
+    cos_ui = None if ui_center is None else cosine_to_ui(embeddings, ui_center)
+    ri = recognizability_index(cos_pos, cos_neg, cos_ui, ri_form, detach=False)
+    every_row = torch.ones_like(has_target)
+    return out._replace(
+        cos_pos=attach(out.cos_pos, cos_pos, has_target),
+        cos_neg=attach(out.cos_neg, cos_neg, has_negative),
+        cos_ui=out.cos_ui if cos_ui is None else attach(out.cos_ui, cos_ui, every_row),
+        ri=attach(out.ri, ri, has_target),
+    )
 
 
 def arcface_head(
