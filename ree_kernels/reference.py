@@ -35,7 +35,33 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class HeadOutput(NamedTuple):
-    """What `arcface_head` returns. Only `loss` is differentiable."""
+    """What `arcface_head` returns, per row i of the B rows. "stat" below is the statistics dtype:
+    float32, or float64 for float64 inputs (`stat_dtype`), whatever the input dtype.
+
+    Attributes:
+        loss: the ArcFace loss, stat. Reduction "mean": a 0-d tensor, Σ_i c_i·loss_i with the
+            sample weights normalised over the rows not ignored (0, with zero gradients, when
+            their weight is 0); "sum": 0-d, the weighted sum; "none": [B], the weighted per-row
+            losses, 0 on ignored rows. The only field with a gradient by default (with respect
+            to embeddings and prototypes). A row whose label is outside [0, C) (possible only
+            where validation cannot run, inside torch.compile) has a NaN loss; NaN inputs give
+            a NaN loss.
+        cos_pos: [B] stat, the cosine between the embedding and its label's prototype, clamped
+            to [−1, 1]; NaN on rows without a label (ignore_index, or out of range).
+        cos_neg: [B] stat, the largest cosine to any prototype other than the label's (over all
+            C classes on rows without a label); −1 on a row that has no other class (C = 1).
+        neg_index: [B] int64, the class of cos_neg, the lowest on ties; −1 where there is none.
+        cos_ui: [B] stat, the cosine to ui_center, clamped; NaN when ui_center is None.
+        ri: [B] stat, the [R] recognizability index ξ (`recognizability_index` with the head's
+            ri_form) of cos_pos, cos_neg and cos_ui (d^UI = 1 without ui_center): the PRM's
+            regression target. NaN where cos_pos is NaN.
+        lse: [B] stat, the log-sum-exp over all C classes of the row's logits s·cos, with s·φ
+            (the margin) at the label column; rows without a label have no margin anywhere.
+            Unweighted and not reduced: loss_i = lse_i − s·φ(cos_pos_i).
+
+    cos_pos, cos_neg, cos_ui and ri are differentiable with `arcface_head(...,
+    differentiable_stats=True)`; neg_index and lse never are.
+    """
 
     loss: torch.Tensor
     cos_pos: torch.Tensor
@@ -47,7 +73,19 @@ class HeadOutput(NamedTuple):
 
 
 class AuxOutput(NamedTuple):
-    """What `ree_aux_loss` returns: the weighted total and its three components."""
+    """What `ree_aux_loss` returns: 0-d tensors in the statistics dtype (float32, or float64 for
+    float64 ri_pred), each differentiable once with respect to ri_pred and attn.
+
+    Attributes:
+        total: λ_L1·l1 + λ_ID·id + λ_MSE·mse with the `weights` argument.
+        l1: the RI regression loss (docs/spec.md §1.5): smooth-L1 with β of ξ̂_i − ξ_i, the mean
+            over all B rows (a NaN target, such as an ignored row's RI, makes it NaN: pass
+            `ri.nan_to_num(0.0)` or drop those rows).
+        id: the [R] index diversion loss (docs/spec.md §1.6): max(0, μ_UI + τ − ξ̂_i), the mean
+            over the recognizable rows; 0 when none is.
+        mse: the PAM loss (docs/spec.md §1.7): ‖attn_i − pam_target_i‖² / D, the mean over the
+            recognizable rows; 0 without attn or when no row is recognizable.
+    """
 
     total: torch.Tensor
     l1: torch.Tensor
@@ -83,7 +121,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
-    """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3)."""
+    """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3).
+
+    Raises:
+        ValueError: `mode` is not one of MARGIN_MODES.
+    """
     if mode == "cosface":
         return cos - margin
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN_EPS))
@@ -126,7 +168,8 @@ def arcface_logits(
     num_classes = prototypes.shape[0]
     cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
     has_target = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    target = F.one_hot(torch.where(has_target, labels, 0), num_classes).bool() & has_target[:, None]
+    # A comparison rather than F.one_hot, which reads the labels' range back to the host on the CPU.
+    target = (labels[:, None] == torch.arange(num_classes, device=labels.device)) & has_target[:, None]
 
     cos_label = cos.masked_fill(~target, 0.0).sum(1)
     phi = margin_logit(cos_label, margin_mode, margin)
@@ -350,7 +393,11 @@ def pam_target(embeddings: torch.Tensor, ui_center: torch.Tensor) -> torch.Tenso
 
     Reconstructed: the paper trains the attention branch to produce an embedding that is
     'diverted' from the UI cluster; removing the UI direction is the smallest change to v̂
-    that is orthogonal to ū. Detached."""
+    that is orthogonal to ū. Detached.
+
+    Raises:
+        RuntimeError: (torch's) ui_center's length is not embeddings' D.
+    """
     v = normalize(embeddings.detach())
     u = normalize(ui_center.detach().to(v.dtype))
     return normalize(v - (v @ u)[:, None] * u)
