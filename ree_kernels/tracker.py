@@ -58,7 +58,7 @@ class UITracker(nn.Module):
         stats = torch.cat([
             normalize(ui_embeddings.float()).sum(0),
             ui_ri_pred.float().sum().reshape(1),
-            torch.tensor([ui_embeddings.shape[0]], dtype=torch.float32, device=ui_embeddings.device),
+            ui_embeddings.new_full((1,), ui_embeddings.shape[0], dtype=torch.float32),  # no host-to-device copy
         ]).to(self.center.device)
         if process_group is not None:
             dist.all_reduce(stats, group=process_group)

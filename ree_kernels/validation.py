@@ -73,15 +73,25 @@ def labels_checked_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def bad_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """[B] bool, on the labels' device (not read back): labels outside [0, num_classes) that are
+    not ignore_index."""
+    return ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+
+
+def label_range_message(num_classes: int, ignore_index: int, found: object) -> str:
+    return f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
+
+
 def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     if torch.compiler.is_compiling():
         return  # no check inside a graph: the kernels poison the row's loss with NaN
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-    message = f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
+    bad = bad_labels(labels, num_classes, ignore_index)
     if labels_checked_on_device(labels.device):
-        torch._assert_async(~bad.any(), message)  # fails at the next synchronisation, never waits
+        # Fails at the next synchronisation, never waits; the value is not known without a read.
+        torch._assert_async(~bad.any(), label_range_message(num_classes, ignore_index, "a label out of range"))
     elif bool(bad.any()):
-        raise ValueError(f"{message}; found {int(labels[bad][0])}")
+        raise ValueError(label_range_message(num_classes, ignore_index, int(labels[bad][0])))
 
 
 def _choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -103,6 +113,7 @@ def validate_head_inputs(
     ignore_index: int,
     reduction: str,
     num_classes: Optional[int] = None,
+    check_labels: bool = True,
 ) -> None:
     """Checks everything `arcface_head` takes (docs/spec.md §2): shapes, dtypes, devices, options and
     the range of every scalar (scale in (0, reference.MAX_SCALE], margin in [0, π/2)).
@@ -113,7 +124,8 @@ def validate_head_inputs(
     here; on CUDA tensors a device-side assertion (`torch._assert_async`) fails the next
     synchronisation instead (a CUDA error that carries the message); inside torch.compile it is
     skipped, and the kernels turn an out-of-range label into a NaN loss for its row rather than
-    reading out of bounds.
+    reading out of bounds. `check_labels=False` leaves the check to the caller (the sharded head
+    folds it into the exchange its ranks make anyway).
 
     Raises:
         TypeError: an argument of the wrong type or dtype.
@@ -151,7 +163,8 @@ def validate_head_inputs(
     _choice("ri_form", ri_form, RI_FORMS)
     _choice("reduction", reduction, REDUCTIONS)
     _number("ignore_index", ignore_index, *INT64_RANGE, integer=True)
-    _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, ignore_index)
+    if check_labels:
+        _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, ignore_index)
 
 
 def validate_kernel_options(chunk_size: int, grad_filter_eps: float) -> None:

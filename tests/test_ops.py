@@ -186,9 +186,10 @@ class SyncRecorder(TorchDispatchMode):
         return out
 
 
-def step_inputs(backend: str) -> Dict:
-    inputs = head_inputs(SHAPES[backend][0], 23, 9, seed=5, ignored=2, weights=True)
-    aux = aux_inputs(SHAPES[backend][0], 9, seed=6)
+def step_inputs(backend: str, device: str = "cpu") -> Dict:
+    batch = SHAPES.get(backend, SHAPES["cpu"])[0]
+    inputs = head_inputs(batch, 23, 9, seed=5, ignored=2, weights=True, device=device)
+    aux = aux_inputs(batch, 9, seed=6, device=device)
     return {**{f"head {k}": v for k, v in inputs.items()}, **{f"aux {k}": v for k, v in aux.items()}}
 
 
@@ -201,7 +202,7 @@ def training_step(x: Dict, backend: str) -> None:
     losses = ree_aux_loss(pred, out.ri.nan_to_num(0.0), x["aux mu_ui"], attn=x["aux attn"], embeddings=emb.detach(),
                           ui_center=x["head ui_center"], recognizable=x["aux recognizable"], backend=backend)
     (out.loss + losses.total).backward()
-    tracker = ree_kernels.UITracker(9)
+    tracker = ree_kernels.UITracker(9).to(emb.device)
     tracker.update(emb.detach()[:3], pred.detach()[:3])
     tracker.update(emb.detach()[:0], pred.detach()[:0])
 
@@ -224,6 +225,19 @@ def test_a_training_step_on_the_device_path_never_syncs(backend, monkeypatch):
     bad["labels"][2] = 9
     with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 9\)"):  # _assert_async fires at once on CPU
         arcface_head(bad["embeddings"], bad["prototypes"], bad["labels"], backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
+def test_a_cuda_training_step_never_syncs(backend):
+    x = step_inputs(backend, "cuda")
+    training_step(x, backend)  # warm-up: autotuning and lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        training_step(x, backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_the_cpu_path_names_the_bad_label():

@@ -205,15 +205,17 @@ def sharded_arcface_head(
                    embedding_grad=embedding_grad, chunk_size=chunk_size, grad_filter_eps=grad_filter_eps)
     error: Optional[BaseException] = None
     shared: List[float] = [0.0] * (1 + len(SHARED_FIELDS))
+    label_summary: Optional[torch.Tensor] = None
     try:
-        start, stop, chosen, chunk_size = check_local(group, embeddings, prototype_shard, labels, ui_center,
-                                                      sample_weight, **options)
+        start, stop, chosen, chunk_size, label_summary = check_local(
+            group, embeddings, prototype_shard, labels, ui_center, sample_weight, **options)
         shared = [embeddings.shape[0], num_classes, embeddings.shape[1], FLOAT_DTYPES.index(embeddings.dtype),
                   scale, margin, MARGIN_MODES.index(margin_mode), ignore_index, REDUCTIONS.index(reduction),
                   sample_weight is not None, EMBEDDING_GRADS.index(embedding_grad)]
     except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
         error = err
-    batches = agree(group, device_of(embeddings, prototype_shard, labels), error, shared)
+    batches = agree(group, device_of(embeddings, prototype_shard, labels), error, shared, label_summary,
+                    num_classes, ignore_index)
 
     max_batch = max(batches)
     sdt = stat_dtype(embeddings.dtype)
