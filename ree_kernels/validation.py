@@ -18,8 +18,9 @@ MAX_MARGIN = math.pi / 2
 """margin must be below this: at m ≥ π/2 the target logit of an orthogonal face falls to −s."""
 MAX_TAU = 10.0
 MAX_BETA = 10.0
-"""The ranges of the aux losses' τ ([0, MAX_TAU]) and smooth-L1 β ((0, MAX_BETA]): the RI lies in
-a few units (docs/spec.md §1.4), so larger values only hide a unit mistake."""
+"""The ranges of the aux losses' τ ([0, MAX_TAU]) and smooth-L1 β ((0, MAX_BETA]): both are on
+the RI's scale (|ξ| ≤ 4 for the product and sum forms, docs/spec.md §1.4), where a value
+beyond 10 can only be a unit mistake."""
 INT64_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 
 _INTS = (int, torch.SymInt)
@@ -51,8 +52,8 @@ def _length(name: str, x: Optional[torch.Tensor], n: int, what: str) -> None:
 def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False,
             high_open: bool = False, integer: bool = False) -> None:
     """A Python number (an int with `integer`) in the interval from low to high, each end open or
-    closed. Every bound is finite and within float32's range, so inf, NaN and values like 1e39
-    are refused whatever the interval."""
+    closed. Every bound is finite, so inf and NaN are refused whatever the interval, and the
+    bounds of float arguments lie within float32's range, so values like 1e39 are refused too."""
     if isinstance(value, bool) or not isinstance(value, _INTS if integer else _NUMBERS):
         raise TypeError(f"{name} must be {'an int' if integer else 'a Python number'}, got {type(value).__name__}")
     above = low < value if low_open else low <= value

@@ -3,6 +3,7 @@ broken Triton, scalar precision, host synchronisation, double backward, torch.li
 every registered op, and the differentiable statistics."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -75,9 +76,8 @@ def test_a_chunk_size_for_the_cpu_runs_on_triton_under_auto(monkeypatch):
     args = (inputs["embeddings"], inputs["prototypes"], inputs["labels"], inputs["ui_center"])
     with pytest.raises(ValueError, match="chunk_size for backend='triton'"):
         arcface_head(*args, backend="triton", chunk_size=100)
-    triton_here = [b for b in backends.DESCRIPTIONS if b.name == "triton"][0]
-    monkeypatch.setattr(backends, "DESCRIPTIONS", (triton_here.__class__(
-        **{**triton_here.__dict__, "auto_devices": ("cpu",)}),) + backends.DESCRIPTIONS[1:])
+    monkeypatch.setattr(backends, "DESCRIPTIONS", tuple(
+        dataclasses.replace(b, auto_devices=("cpu",)) if b.name == "triton" else b for b in backends.DESCRIPTIONS))
     assert backends.resolve_backend("auto", "head", torch.device("cpu"), torch.float32) == "triton"
     ours = arcface_head(*args, backend="auto", chunk_size=100)
     ref = arcface_head(*args, backend="reference")
@@ -297,6 +297,34 @@ def test_double_backward_is_correct_or_refused(backend, case):
     with pytest.raises(RuntimeError, match=rf"{REFUSING_OP[backend, case]} can be differentiated once only.*"
                                            r"backend='reference'"):
         torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
+
+
+def test_the_eager_cpu_backward_scales_the_saved_gradients_in_place(monkeypatch):
+    """One C × D gradient at the peak (docs/design.md): the backward of head_forward_with_grad
+    returns its saved gradient, scaled in place, unless the graph is kept for another backward."""
+    import ree_kernels.head as head
+
+    saved = []
+
+    def spy(backend, name):
+        op = backends.kernel_op(backend, name)
+
+        def call(*args):
+            out = op(*args)
+            saved.append(out[7])
+            return out
+
+        return call if name == "head_forward_with_grad" else op
+
+    monkeypatch.setattr(head, "kernel_op", spy)
+    inputs = head_inputs(9, 40, 6, seed=13)
+    protos = inputs["prototypes"].clone().requires_grad_()
+    kept = arcface_head(inputs["embeddings"], protos, inputs["labels"], backend="cpu").loss
+    first = torch.autograd.grad(kept * 3.0, protos, retain_graph=True)[0]
+    second = torch.autograd.grad(kept * 3.0, protos)[0]
+    assert first.data_ptr() != saved[0].data_ptr() and torch.equal(first, second)
+    assert second.data_ptr() == saved[0].data_ptr(), "the last backward must scale in place"
+    assert torch.equal(second, first)
 
 
 # --------------------------------------------------------------------------------------------
