@@ -323,8 +323,11 @@ def attach_statistic_gradients(
     has_target = (labels >= 0) & (labels < prototypes.shape[0]) & (labels != ignore_index)
     has_negative = out.neg_index >= 0
 
-    def cosine_to(index: torch.Tensor, rows: torch.Tensor, elsewhere: Union[float, torch.Tensor]) -> torch.Tensor:
-        w = normalize(prototypes[torch.where(rows, index, 0)].to(sdt))
+    # One gather for both prototype rows of every row: its backward scatters into one C × D buffer.
+    w_pos, w_neg = normalize(prototypes[torch.cat([torch.where(has_target, labels, 0),
+                                                   torch.where(has_negative, out.neg_index, 0)])].to(sdt)).chunk(2)
+
+    def cosine(w: torch.Tensor, rows: torch.Tensor, elsewhere: Union[float, torch.Tensor]) -> torch.Tensor:
         return torch.where(rows, (v * w).sum(1).clamp(-1.0, 1.0), elsewhere)
 
     def attach(value: torch.Tensor, graph: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -332,8 +335,8 @@ def attach_statistic_gradients(
 
     # Finite stand-ins where a row has no statistic: a NaN in the RI's graph would turn the zero
     # gradient of a masked row into NaN (0·NaN) on its way to the shared ui_center.
-    cos_pos = cosine_to(labels, has_target, 0.0)  # the RI of such a row is masked as well
-    cos_neg = cosine_to(out.neg_index, has_negative, out.cos_neg.detach())  # C = 1: the constant −1
+    cos_pos = cosine(w_pos, has_target, 0.0)  # the RI of such a row is masked as well
+    cos_neg = cosine(w_neg, has_negative, out.cos_neg.detach())  # C = 1: the constant −1
     cos_ui = None if ui_center is None else cosine_to_ui(embeddings, ui_center)
     ri = recognizability_index(cos_pos, cos_neg, cos_ui, ri_form, detach=False)
     every_row = torch.ones_like(has_target)
