@@ -74,7 +74,7 @@ gpu-check:
 	set -o pipefail; { \
 	  REE_CUDA_ARCHS="$(GPU_ARCHS)" MAX_JOBS="$${MAX_JOBS:-16}" \
 	    $(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e . && \
-	  $(GPU_PY) -c "from ree_kernels import backends as b; print(sorted(b.CPP_KERNELS)); assert ('head', 'CUDA') in b.CPP_KERNELS" && \
+	  $(GPU_PY) -c "from ree_kernels import backends as b; print(b.BUILD_INFO, b.TRITON_ERROR); assert ('head', 'CUDA') in b.CPP_KERNELS" && \
 	  CUBLAS_WORKSPACE_CONFIG=:4096:8 $(GPU_PY) -m pytest -q -rf -m gpu -p no:cacheprovider tests; \
 	} 2>&1 | tee "$(OUT)/gpu-check.log"
 	REE_COMMIT="$(REE_COMMIT)" $(GPU_PY) benchmarks/run.py --suite gpu --out "$(OUT)"

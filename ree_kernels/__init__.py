@@ -5,13 +5,12 @@ Public ops (docs/spec.md §2): `arcface_head`, `ree_aux_loss`, `recognizability_
 `backend="auto" | "reference" | "cpu" | "cuda" | "triton"`.
 """
 from .aux_loss import ree_aux_loss
-from .backends import BACKENDS, TRITON_USABLE
+from .backends import BACKENDS, load_triton
 from .head import arcface_head
 from .reference import AuxOutput, HeadOutput, pam_target, recognizability_index
 from .tracker import UITracker
 
-if TRITON_USABLE:
-    from . import triton as _triton_ops  # noqa: F401  registers torch.ops.ree.triton_*
+load_triton()  # registers torch.ops.ree.triton_* where Triton can run; never raises
 
 __all__ = [
     "BACKENDS",

@@ -5,6 +5,9 @@ Every kernel backend implements one op (schema in csrc/ops.cpp; Triton's is `tri
 beta) -> (l1, id, mse, grad_ri_l1, grad_ri_id, grad_attn_mse)`. It computes the three losses and
 their gradients in the same pass over the rows (they are cheap and elementwise), so the
 backward is only the chain rule below; the weighted total is formed here, for every backend.
+That backward multiplies saved gradients, so it cannot be differentiated again: with
+create_graph=True it raises (`head.refuse_double_backward`) instead of returning a gradient that
+silently misses the second derivative.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from . import reference
 from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
+from .head import refuse_double_backward
 from .reference import AuxOutput, stat_dtype
 from .validation import validate_aux_inputs
 
@@ -28,22 +32,27 @@ def _aux_forward_fake(ri_pred, ri_target, mu_ui, attn, embeddings, ui_center, re
 
 def register_aux_op(prefix: str) -> None:
     """Registers the fake kernel and the autograd of `ree::{prefix}aux_forward`."""
+    name = f"ree::{prefix}aux_forward"
 
     def setup_context(ctx, inputs, output):
         ri_pred, attn = inputs[0], inputs[3]
         ctx.save_for_backward(output[3], output[4], output[5])
         ctx.mark_non_differentiable(*output[3:])  # the gradients computed in the forward
         ctx.dtypes = (ri_pred.dtype, None if attn is None else attn.dtype)
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_l1, grad_id, grad_mse, *_):
+        refuse_double_backward(name)
         d_l1, d_id, d_attn = ctx.saved_tensors
         ri_dtype, attn_dtype = ctx.dtypes
         grad_ri = (grad_l1 * d_l1 + grad_id * d_id).to(ri_dtype)
         grad_attn = None if attn_dtype is None else (grad_mse * d_attn).to(attn_dtype)
-        return grad_ri, None, None, grad_attn, None, None, None, None, None
+        grads = [None] * ctx.num_inputs
+        grads[0], grads[3] = grad_ri, grad_attn
+        return tuple(grads)
 
-    torch.library.register_fake(f"ree::{prefix}aux_forward")(_aux_forward_fake)
-    torch.library.register_autograd(f"ree::{prefix}aux_forward", backward, setup_context=setup_context)
+    torch.library.register_fake(name)(_aux_forward_fake)
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 if EXTENSION_ERROR is None:
@@ -67,18 +76,27 @@ def ree_aux_loss(
     """The REE auxiliary losses (docs/spec.md §1.5–§1.7) in one pass.
 
     Args:
-        ri_pred: [B] the PRM's predicted RI ξ̂ (receives gradients).
+        ri_pred: [B] the PRM's predicted RI ξ̂ (receives gradients); a float dtype the backend takes.
         ri_target: [B] the RI from `arcface_head` (detached).
-        mu_ui: the EMA of ξ̂ over UIs (UITracker.mu), a number or a 0-d tensor (detached).
-        tau: the index diversion margin; beta: the smooth-L1 β.
+        mu_ui: the EMA of ξ̂ over UIs (UITracker.mu), a number or a 0-d tensor (detached). A
+            number is taken at the statistics' precision (float64 for float64 inputs).
+        tau: the index diversion margin, in [0, 10]; beta: the smooth-L1 β, in (0, 10].
         attn: [B, D] the PAM output (receives gradients), or None for no MSE term.
         embeddings: [B, D] and ui_center: [D], from which the PAM target is built.
         recognizable: [B] bool, the rows that count in the ID and MSE means (all when None).
-        weights: (λ_L1, λ_ID, λ_MSE) for `total`.
-        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
+        weights: (λ_L1, λ_ID, λ_MSE) for `total`, finite numbers.
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (`backends.BACKENDS`).
 
     Returns:
-        AuxOutput(total, l1, id, mse), float32 (float64 for float64 inputs).
+        AuxOutput (see its docstring); differentiable once with respect to ri_pred and attn
+        (create_graph=True raises on the kernel backends; the reference differentiates any
+        number of times).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype, or a dtype the backend does not take.
+        ValueError: bad shapes or devices, a scalar out of range, attn without embeddings and
+            ui_center, an unknown backend.
+        RuntimeError: the backend cannot run here (not built, not installed, another device).
     """
     validate_aux_inputs(
         ri_pred, ri_target, mu_ui, tau=tau, beta=beta, attn=attn, embeddings=embeddings,
@@ -91,7 +109,9 @@ def ree_aux_loss(
             ui_center=ui_center, recognizable=recognizable, weights=weights,
         )
     sdt = stat_dtype(ri_pred.dtype)
-    mu = torch.as_tensor(mu_ui, device=ri_pred.device).to(sdt).reshape(())
+    # dtype= converts a Python number straight to sdt: through the default dtype it would be
+    # rounded to float32 first, a 1e-8 relative error in a float64 loss.
+    mu = torch.as_tensor(mu_ui, dtype=sdt, device=ri_pred.device).reshape(())
 
     def contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.detach().contiguous()

@@ -15,7 +15,9 @@ Triton ones mirror them with a `triton_` prefix):
   that beats recomputing (`GRAD_IN_FORWARD`); the backward then only scales them.
 
 This module registers their fake kernels and autograd formulas, and composes them with the
-reduction, the UI cosine and the RI, which every backend shares with the reference.
+reduction, the UI cosine and the RI, which every backend shares with the reference. The ops
+are differentiable once: their backward is a fused kernel (or a saved gradient), so a backward
+with create_graph=True raises rather than return a gradient that cannot be differentiated again.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ from typing import Optional
 import torch
 
 from . import reference
-from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
+from .backends import DESCRIPTIONS, EXTENSION_ERROR, chunk_size_for, kernel_op, resolve_backend
 from .reference import HeadOutput, HeadRows, stat_dtype
 from .validation import validate_head_inputs, validate_kernel_options
 
-GRAD_IN_FORWARD = frozenset({"cpu"})
+GRAD_IN_FORWARD = frozenset(b.name for b in DESCRIPTIONS if b.grad_in_forward)
 """Backends whose `head_forward_with_grad` is faster than forward + recomputing backward."""
 
 
@@ -52,6 +54,25 @@ def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, ma
     return torch.empty_like(embeddings), torch.empty_like(prototypes)
 
 
+def refuse_double_backward(
+    op: str,
+    alternative: str = "use backend='reference', whose eager PyTorch differentiates any number of times",
+) -> None:
+    """Raises inside a backward run with create_graph=True (the only time a backward runs with
+    grad mode on), before a kernel computes a gradient that autograd could not differentiate
+    again: without this, a gradient penalty would silently add nothing (the saved gradients of
+    `head_forward_with_grad` are constants) or fail inside the kernel.
+
+    Raises:
+        RuntimeError: naming the op, with `alternative` (what does differentiate twice).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} can be differentiated once only: its backward is a fused kernel, so a backward with "
+            f"create_graph=True (a gradient penalty, a Hessian-vector product) cannot go through it; "
+            f"{alternative}")
+
+
 def _graph_is_kept() -> bool:
     """Whether the running backward keeps the graph (retain_graph=True). A private torch query:
     where it is missing, assume it does, which is always safe (and costs a C × D copy)."""
@@ -59,48 +80,61 @@ def _graph_is_kept() -> bool:
     return True if query is None else bool(query())
 
 
+def _may_scale_in_place(*saved: torch.Tensor) -> bool:
+    """Whether the saved gradients may be scaled in place: only in an eager backward on plain
+    tensors at their last use. A traced backward (torch.compile, opcheck: FunctionalTensor or
+    FakeTensor) must not mutate values that are also outputs of the forward graph, and with
+    retain_graph=True they must survive for the next backward."""
+    return (all(type(t) is torch.Tensor for t in saved) and not torch.compiler.is_compiling()
+            and not _graph_is_kept())
+
+
 def register_head_ops(prefix: str) -> None:
     """Registers the fake kernels and the autograd of `ree::{prefix}head_*`."""
     backward_op = getattr(torch.ops.ree, f"{prefix}head_backward")
+    forward_name, with_grad_name = f"ree::{prefix}head_forward", f"ree::{prefix}head_forward_with_grad"
 
     def setup_forward(ctx, inputs, output):
-        embeddings, prototypes, labels, scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs
+        embeddings, prototypes, labels = inputs[:3]
+        scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs[3:9]
         ctx.save_for_backward(embeddings, prototypes, labels, output[4])
         ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
+        ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(*output[1:])  # the statistics
 
     def backward_forward(ctx, grad_loss_rows, *_):
+        refuse_double_backward(forward_name)
         embeddings, prototypes, labels, lse = ctx.saved_tensors
         grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
                                      grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
-        return grad_e, grad_w, None, None, None, None, None, None, None
+        return (grad_e, grad_w) + (None,) * (ctx.num_inputs - 2)
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
+        ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(*output[1:])  # the statistics and the saved gradients
         # Only `loss` gets a gradient: materialising zeros for the others would allocate a C × D tensor.
         ctx.set_materialize_grads(False)
 
     def backward_with_grad(ctx, grad_loss, *_):
         if grad_loss is None:  # the loss got no gradient (grads are not materialised)
-            return (None,) * 10
+            return (None,) * ctx.num_inputs
+        refuse_double_backward(with_grad_name)
         grad_e, grad_w = ctx.saved_tensors
         scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
-        if _graph_is_kept():
-            # retain_graph=True (gradcheck, a second backward): the saved gradients must survive.
-            grads = (grad_e * scale_e, grad_w * scale_w)
-        else:
+        if _may_scale_in_place(grad_e, grad_w):
             # Their last use: scaling in place keeps a single C × D gradient at the peak.
             grads = (grad_e.mul_(scale_e), grad_w.mul_(scale_w))
-        return (*grads, None, None, None, None, None, None, None, None)
+        else:
+            grads = (grad_e * scale_e, grad_w * scale_w)
+        return grads + (None,) * (ctx.num_inputs - 2)
 
-    torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
+    torch.library.register_fake(forward_name)(_head_forward_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
-    torch.library.register_autograd(f"ree::{prefix}head_forward", backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(forward_name, backward_forward, setup_context=setup_forward)
     if hasattr(torch.ops.ree, f"{prefix}head_forward_with_grad"):  # only GRAD_IN_FORWARD backends need it
-        torch.library.register_fake(f"ree::{prefix}head_forward_with_grad")(_head_forward_with_grad_fake)
-        torch.library.register_autograd(f"ree::{prefix}head_forward_with_grad", backward_with_grad,
-                                        setup_context=setup_with_grad)
+        torch.library.register_fake(with_grad_name)(_head_forward_with_grad_fake)
+        torch.library.register_autograd(with_grad_name, backward_with_grad, setup_context=setup_with_grad)
 
 
 if EXTENSION_ERROR is None:
@@ -127,26 +161,45 @@ def arcface_head(
     backend: str = "auto",
     chunk_size: int = 0,
     grad_filter_eps: float = 0.0,
+    differentiable_stats: bool = False,
 ) -> HeadOutput:
     """ArcFace loss over normalised prototypes, with the REE per-row statistics (docs/spec.md §2).
 
     Args:
-        embeddings: [B, D] backbone embeddings, not normalised.
-        prototypes: [C, D] class prototypes (the ArcFace weight), not normalised.
-        labels: [B] int64 class ids, or `ignore_index`.
+        embeddings: [B, D] backbone embeddings, not normalised; float32, bfloat16, float16 or
+            float64 (what the backend takes: `backends.DESCRIPTIONS`).
+        prototypes: [C, D] class prototypes (the ArcFace weight), not normalised, same dtype.
+        labels: [B] int64 class ids in [0, C), or `ignore_index`.
         ui_center: [D] centre of the unrecognizable instances (UITracker.center), or None.
-        scale, margin, margin_mode: the ArcFace logit s·φ(cos) (docs/spec.md §3).
-        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (docs/spec.md §1.4).
+        scale: s in (0, reference.MAX_SCALE]; margin: m in radians, in [0, π/2);
+            margin_mode: φ, one of reference.MARGIN_MODES (docs/spec.md §3).
+        ri_form: the [R] recognizability index form, one of reference.RI_FORMS (docs/spec.md §1.4).
         sample_weight: [B] row weights (no gradient), or None for 1.
+        ignore_index: the label of rows that add no loss (their statistics are NaN, see HeadOutput).
         reduction: "mean" (weighted, over rows not ignored) | "sum" | "none" ([B], weighted).
-        backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
-        chunk_size: the kernels' tiling override (0: chosen from the sizes); see docs/design.md.
+        backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (`backends.BACKENDS`).
+        chunk_size: the kernels' tiling override, 0 for automatic; what it means and accepts
+            depends on the backend (`backends.DESCRIPTIONS`). Under backend="auto" it is fitted
+            into the chosen backend's range, so a value tuned for one backend never fails on
+            another; a backend asked for by name raises on a value it does not take.
         grad_filter_eps: Triton only: skip backward tiles whose |softmax − one-hot| < eps
             everywhere (0, the default, is exact).
+        differentiable_stats: make cos_pos, cos_neg, cos_ui and ri differentiable with respect
+            to the embeddings, the prototypes (the rows y_i and neg_index_i) and ui_center, with
+            the same values (an ablation of the paper's detached RI target). Off: they carry no
+            gradient and cost nothing more.
 
     Returns:
-        HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse); only `loss` is
-        differentiable (with respect to embeddings and prototypes).
+        HeadOutput (see its docstring for every field). `loss` is differentiable with respect
+        to embeddings and prototypes, once (create_graph=True raises on the kernel backends;
+        the reference differentiates any number of times).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype, or a dtype the backend does not take.
+        ValueError: bad shapes, devices or options, a scalar out of range, a label out of range
+            (CPU tensors; on CUDA a device-side assertion, see validate_head_inputs), a
+            chunk_size the named backend does not take, grad_filter_eps on a backend without it.
+        RuntimeError: the backend cannot run here (not built, not installed, another device).
     """
     validate_head_inputs(
         embeddings, prototypes, labels, ui_center, sample_weight,
@@ -154,26 +207,32 @@ def arcface_head(
         ignore_index=ignore_index, reduction=reduction,
     )
     validate_kernel_options(chunk_size, grad_filter_eps)
+    if not isinstance(differentiable_stats, bool):
+        raise TypeError(f"differentiable_stats must be a bool, got {type(differentiable_stats).__name__}")
     chosen = resolve_backend(backend, "head", embeddings.device, embeddings.dtype)
+    chunk_size = chunk_size_for(backend, chosen, chunk_size)
     if grad_filter_eps and chosen != "triton":
         raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")
     if chosen == "reference":
-        return reference.arcface_head(
+        out = reference.arcface_head(
             embeddings, prototypes, labels, ui_center,
             scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
             sample_weight=sample_weight, ignore_index=ignore_index, reduction=reduction,
         )
-
-    embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
-    labels_c = labels.contiguous()
-    options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps))
-    coef = reference.loss_coefficients(
-        labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
-    if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
-        loss, *rows = kernel_op(chosen, "head_forward_with_grad")(
-            embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
-        rows = HeadRows(*rows[:5])
     else:
-        rows = HeadRows(*kernel_op(chosen, "head_forward")(embeddings_c, prototypes_c, labels_c, *options))
-        loss = reference.reduce_rows(rows.loss, coef, reduction)
-    return reference.head_output(loss, rows, embeddings, ui_center, ri_form)
+        embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
+        labels_c = labels.contiguous()
+        options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps))
+        coef = reference.loss_coefficients(
+            labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
+        if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
+            loss, *rows = kernel_op(chosen, "head_forward_with_grad")(
+                embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
+        else:
+            rows = kernel_op(chosen, "head_forward")(embeddings_c, prototypes_c, labels_c, *options)
+            loss = reference.reduce_rows(rows[0], coef, reduction)
+        out = reference.head_output(loss, HeadRows(*rows[:len(HeadRows._fields)]), embeddings, ui_center, ri_form)
+    if differentiable_stats:
+        out = reference.attach_statistic_gradients(out, embeddings, prototypes, labels, ui_center,
+                                                   ignore_index=ignore_index, ri_form=ri_form)
+    return out

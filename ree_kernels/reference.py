@@ -25,13 +25,43 @@ the last bits of a cosine within 5e-13 of ±1, where the exact sin θ amplifies 
 RATIO_EPS = 1e-6
 """The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
 
+MAX_SCALE = 1000.0
+"""The largest ArcFace scale s the ops take: s·(1 + cos) must stay far inside float32's exponent
+range in the kernels' log-sum-exp (ArcFace uses s = 64)."""
+
 MARGIN_MODES = ("arcface", "arcface_easy", "arcface_st", "cosface")
 RI_FORMS = ("product", "ratio", "sum", "crfiqa")
 REDUCTIONS = ("mean", "sum", "none")
 
 
 class HeadOutput(NamedTuple):
-    """What `arcface_head` returns. Only `loss` is differentiable."""
+    """What `arcface_head` returns, per row i of the B rows. "stat" below is the statistics dtype:
+    float32, or float64 for float64 inputs (`stat_dtype`), whatever the input dtype.
+
+    Attributes:
+        loss: the ArcFace loss, stat. Reduction "mean": a 0-d tensor, Σ_i c_i·loss_i with the
+            sample weights normalised over the rows not ignored (0, with zero gradients, when
+            their weight is 0); "sum": 0-d, the weighted sum; "none": [B], the weighted per-row
+            losses, 0 on ignored rows. The only field with a gradient by default (with respect
+            to embeddings and prototypes). A row whose label is outside [0, C) (possible only
+            where validation cannot run, inside torch.compile) has a NaN loss; NaN inputs give
+            a NaN loss.
+        cos_pos: [B] stat, the cosine between the embedding and its label's prototype, clamped
+            to [−1, 1]; NaN on rows without a label (ignore_index, or out of range).
+        cos_neg: [B] stat, the largest cosine to any prototype other than the label's (over all
+            C classes on rows without a label); −1 on a row that has no other class (C = 1).
+        neg_index: [B] int64, the class of cos_neg, the lowest on ties; −1 where there is none.
+        cos_ui: [B] stat, the cosine to ui_center, clamped; NaN when ui_center is None.
+        ri: [B] stat, the [R] recognizability index ξ (`recognizability_index` with the head's
+            ri_form) of cos_pos, cos_neg and cos_ui (d^UI = 1 without ui_center): the PRM's
+            regression target. NaN where cos_pos is NaN.
+        lse: [B] stat, the log-sum-exp over all C classes of the row's logits s·cos, with s·φ
+            (the margin) at the label column; rows without a label have no margin anywhere.
+            Unweighted and not reduced: loss_i = lse_i − s·φ(cos_pos_i).
+
+    cos_pos, cos_neg, cos_ui and ri are differentiable with `arcface_head(...,
+    differentiable_stats=True)`; neg_index and lse never are.
+    """
 
     loss: torch.Tensor
     cos_pos: torch.Tensor
@@ -43,7 +73,19 @@ class HeadOutput(NamedTuple):
 
 
 class AuxOutput(NamedTuple):
-    """What `ree_aux_loss` returns: the weighted total and its three components."""
+    """What `ree_aux_loss` returns: 0-d tensors in the statistics dtype (float32, or float64 for
+    float64 ri_pred), each differentiable once with respect to ri_pred and attn.
+
+    Attributes:
+        total: λ_L1·l1 + λ_ID·id + λ_MSE·mse with the `weights` argument.
+        l1: the RI regression loss (docs/spec.md §1.5): smooth-L1 with β of ξ̂_i − ξ_i, the mean
+            over all B rows (a NaN target, such as an ignored row's RI, makes it NaN: pass
+            `ri.nan_to_num(0.0)` or drop those rows).
+        id: the [R] index diversion loss (docs/spec.md §1.6): max(0, μ_UI + τ − ξ̂_i), the mean
+            over the recognizable rows; 0 when none is.
+        mse: the PAM loss (docs/spec.md §1.7): ‖attn_i − pam_target_i‖² / D, the mean over the
+            recognizable rows; 0 without attn or when no row is recognizable.
+    """
 
     total: torch.Tensor
     l1: torch.Tensor
@@ -79,7 +121,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
-    """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3)."""
+    """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3).
+
+    Raises:
+        ValueError: `mode` is not one of MARGIN_MODES.
+    """
     if mode == "cosface":
         return cos - margin
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN_EPS))
@@ -122,7 +168,8 @@ def arcface_logits(
     num_classes = prototypes.shape[0]
     cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
     has_target = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
-    target = F.one_hot(torch.where(has_target, labels, 0), num_classes).bool() & has_target[:, None]
+    # A comparison rather than F.one_hot, which reads the labels' range back to the host on the CPU.
+    target = (labels[:, None] == torch.arange(num_classes, device=labels.device)) & has_target[:, None]
 
     cos_label = cos.masked_fill(~target, 0.0).sum(1)
     phi = margin_logit(cos_label, margin_mode, margin)
@@ -207,6 +254,8 @@ def recognizability_index(
     cos_neg: torch.Tensor,
     cos_ui: Optional[torch.Tensor] = None,
     form: str = "product",
+    *,
+    detach: bool = True,
 ) -> torch.Tensor:
     """[R] The recognizability index ξ from the three distances of docs/spec.md §1.1–§1.3.
 
@@ -218,10 +267,18 @@ def recognizability_index(
     (`cos_ui` None) d^UI = 1. `crfiqa` is not REE's: it is CR-FIQA's certainty ratio
     cos_pos / (cos_neg + 1 + 1e-6) (Boutros et al., CVPR 2023), which ignores the UI centre, so
     that the same fused head trains that baseline. The result is a target: no gradient flows
-    through it."""
-    d_pos = 1.0 - cos_pos.detach()
-    d_neg = 1.0 - cos_neg.detach()
-    d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui.detach()
+    through it, unless `detach=False` (the differentiable statistics of
+    `arcface_head(differentiable_stats=True)`).
+
+    Raises:
+        ValueError: `form` is not one of RI_FORMS.
+    """
+    if detach:
+        cos_pos, cos_neg = cos_pos.detach(), cos_neg.detach()
+        cos_ui = None if cos_ui is None else cos_ui.detach()
+    d_pos = 1.0 - cos_pos
+    d_neg = 1.0 - cos_neg
+    d_ui = torch.ones_like(d_pos) if cos_ui is None else 1.0 - cos_ui
     if form == "product":
         return d_ui * (d_neg - d_pos)
     if form == "ratio":
@@ -229,7 +286,7 @@ def recognizability_index(
     if form == "sum":
         return d_ui + d_neg - d_pos
     if form == "crfiqa":
-        return cos_pos.detach() / (cos_neg.detach() + 1.0 + RATIO_EPS)
+        return cos_pos / (cos_neg + 1.0 + RATIO_EPS)
     raise ValueError(f"ri_form must be one of {RI_FORMS}, got {form!r}")
 
 
@@ -240,10 +297,60 @@ def head_output(
     ui_center: Optional[torch.Tensor],
     ri_form: str,
 ) -> HeadOutput:
-    """Completes a head pass (any backend) with the UI cosine and the RI."""
-    cos_ui = cosine_to_ui(embeddings.detach(), ui_center)
+    """Completes a head pass (any backend) with the UI cosine and the RI (no gradients)."""
+    cos_ui = cosine_to_ui(embeddings.detach(), None if ui_center is None else ui_center.detach())
     ri = recognizability_index(rows.cos_pos, rows.cos_neg, None if ui_center is None else cos_ui, ri_form)
     return HeadOutput(loss, rows.cos_pos, rows.cos_neg, rows.neg_index, cos_ui, ri, rows.lse)
+
+
+def attach_statistic_gradients(
+    out: HeadOutput,
+    embeddings: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    ui_center: Optional[torch.Tensor],
+    *,
+    ignore_index: int,
+    ri_form: str,
+) -> HeadOutput:
+    """`out` with cos_pos, cos_neg, cos_ui and ri differentiable, their values unchanged.
+
+    The gradients are those of the statistics computed without detaching: cos_pos from the
+    label's prototype, cos_neg from the prototype at neg_index (where the maximum's gradient
+    goes), cos_ui from ui_center, and the RI through `recognizability_index(detach=False)`. Only
+    the O(B·D) rows W[y_i], W[neg_index_i] and ū are gathered, so this works unchanged on the
+    output of any backend: each statistic becomes value + (g − g.detach()) where g recomputes
+    it, which adds exactly zero to the value and g's gradient to it. Rows without a statistic
+    (an ignored row's NaN cos_pos and RI, C = 1's cos_neg = −1 at index −1, no ui_center) get no
+    gradient: g is masked there, so their NaN values leak into no other row's gradient."""
+    sdt = out.cos_pos.dtype
+    v = normalize(embeddings.to(sdt))
+    has_target = (labels >= 0) & (labels < prototypes.shape[0]) & (labels != ignore_index)
+    has_negative = out.neg_index >= 0
+
+    # One gather for both prototype rows of every row: its backward scatters into one C × D buffer.
+    w_pos, w_neg = normalize(prototypes[torch.cat([torch.where(has_target, labels, 0),
+                                                   torch.where(has_negative, out.neg_index, 0)])].to(sdt)).chunk(2)
+
+    def cosine(w: torch.Tensor, rows: torch.Tensor, elsewhere: Union[float, torch.Tensor]) -> torch.Tensor:
+        return torch.where(rows, (v * w).sum(1).clamp(-1.0, 1.0), elsewhere)
+
+    def attach(value: torch.Tensor, graph: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return value.detach() + torch.where(rows, graph - graph.detach(), 0.0)
+
+    # Finite stand-ins where a row has no statistic: a NaN in the RI's graph would turn the zero
+    # gradient of a masked row into NaN (0·NaN) on its way to the shared ui_center.
+    cos_pos = cosine(w_pos, has_target, 0.0)  # the RI of such a row is masked as well
+    cos_neg = cosine(w_neg, has_negative, out.cos_neg.detach())  # C = 1: the constant −1
+    cos_ui = None if ui_center is None else cosine_to_ui(embeddings, ui_center)
+    ri = recognizability_index(cos_pos, cos_neg, cos_ui, ri_form, detach=False)
+    every_row = torch.ones_like(has_target)
+    return out._replace(
+        cos_pos=attach(out.cos_pos, cos_pos, has_target),
+        cos_neg=attach(out.cos_neg, cos_neg, has_negative),
+        cos_ui=out.cos_ui if cos_ui is None else attach(out.cos_ui, cos_ui, every_row),
+        ri=attach(out.ri, ri, has_target),
+    )
 
 
 def arcface_head(
@@ -294,7 +401,11 @@ def pam_target(embeddings: torch.Tensor, ui_center: torch.Tensor) -> torch.Tenso
 
     Reconstructed: the paper trains the attention branch to produce an embedding that is
     'diverted' from the UI cluster; removing the UI direction is the smallest change to v̂
-    that is orthogonal to ū. Detached."""
+    that is orthogonal to ū. Detached.
+
+    Raises:
+        RuntimeError: (torch's) ui_center's length is not embeddings' D.
+    """
     v = normalize(embeddings.detach())
     u = normalize(ui_center.detach().to(v.dtype))
     return normalize(v - (v @ u)[:, None] * u)

@@ -1,4 +1,8 @@
-"""Input checks shared by every backend (docs/spec.md §2): one function per op, errors that name the argument."""
+"""Input checks shared by every backend (docs/spec.md §2): one function per op, errors that name the argument.
+
+Scalars are checked with comparisons only, so that the checks also trace under
+`torch.compile(dynamic=True)`, where a Python number may arrive as a SymInt or SymFloat (NaN fails
+every comparison, so it is refused with the rest)."""
 from __future__ import annotations
 
 import math
@@ -6,9 +10,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from .reference import MARGIN_MODES, REDUCTIONS, RI_FORMS
+from .backends import FLOAT_DTYPES
+from .reference import MARGIN_MODES, MAX_SCALE, REDUCTIONS, RI_FORMS
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT32_MAX = torch.finfo(torch.float32).max
+MAX_MARGIN = math.pi / 2
+"""margin must be below this: at m ≥ π/2 the target logit of an orthogonal face falls to −s."""
+MAX_TAU = 10.0
+MAX_BETA = 10.0
+"""The ranges of the aux losses' τ ([0, MAX_TAU]) and smooth-L1 β ((0, MAX_BETA]): both are on
+the RI's scale (|ξ| ≤ 4 for the product and sum forms, docs/spec.md §1.4), where a value
+beyond 10 can only be a unit mistake."""
+INT64_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+
+_INTS = (int, torch.SymInt)
+_NUMBERS = (int, float, torch.SymInt, torch.SymFloat)
 
 
 def _tensor(name: str, x: object, ndim: int, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
@@ -33,11 +49,50 @@ def _length(name: str, x: Optional[torch.Tensor], n: int, what: str) -> None:
         raise ValueError(f"{name} has {x.shape[0]} entries but {what} is {n}")
 
 
-def _finite_scalar(name: str, value: object, positive: bool = False) -> None:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}")
+def _number(name: str, value: object, low: float, high: float, *, low_open: bool = False,
+            high_open: bool = False, integer: bool = False) -> None:
+    """A Python number (an int with `integer`) in the interval from low to high, each end open or
+    closed. Every bound is finite, so inf and NaN are refused whatever the interval, and the
+    bounds of float arguments lie within float32's range, so values like 1e39 are refused too."""
+    if isinstance(value, bool) or not isinstance(value, _INTS if integer else _NUMBERS):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a Python number'}, got {type(value).__name__}")
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+
+
+def _float32_number(name: str, value: object) -> None:
+    """Finite and representable in float32 (the kernels' accumulation type)."""
+    _number(name, value, -FLOAT32_MAX, FLOAT32_MAX)
+
+
+def labels_checked_on_device(device: torch.device) -> bool:
+    """Whether the label range is checked by a device-side assertion instead of on the host: on
+    CUDA, where reading the result back would stall the host on the device at every step."""
+    return device.type == "cuda"
+
+
+def bad_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """[B] bool, on the labels' device (not read back): labels outside [0, num_classes) that are
+    not ignore_index."""
+    return ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+
+
+def label_range_message(num_classes: int, ignore_index: int, found: object) -> str:
+    return f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if torch.compiler.is_compiling():
+        return  # no check inside a graph: the kernels poison the row's loss with NaN
+    bad = bad_labels(labels, num_classes, ignore_index)
+    if labels_checked_on_device(labels.device):
+        # Fails at the next synchronisation, never waits; the value is not known without a read.
+        torch._assert_async(~bad.any(), label_range_message(num_classes, ignore_index, "a label out of range"))
+    elif bool(bad.any()):
+        raise ValueError(label_range_message(num_classes, ignore_index, int(labels[bad][0])))
 
 
 def _choice(name: str, value: object, choices: Sequence[str]) -> None:
@@ -59,13 +114,25 @@ def validate_head_inputs(
     ignore_index: int,
     reduction: str,
     num_classes: Optional[int] = None,
+    check_labels: bool = True,
 ) -> None:
-    """Raises TypeError/ValueError naming the argument for anything `arcface_head` cannot take.
+    """Checks everything `arcface_head` takes (docs/spec.md §2): shapes, dtypes, devices, options and
+    the range of every scalar (scale in (0, reference.MAX_SCALE], margin in [0, π/2)).
 
-    The label range is a data-dependent check: it runs eagerly, and is skipped while
-    torch.compile traces (no host sync in a graph); the kernels then turn an out-of-range
-    label into a NaN loss for its row rather than reading out of bounds. Labels must lie in
-    [0, num_classes), by default the number of prototypes (a class shard passes the total)."""
+    Labels must lie in [0, num_classes) (by default the number of prototypes; a class shard
+    passes the total) or equal ignore_index. That check reads the data, so where it costs a
+    host-device synchronisation it does not wait: on CPU tensors a bad label raises ValueError
+    here; on CUDA tensors a device-side assertion (`torch._assert_async`) fails the next
+    synchronisation instead (a CUDA error that carries the message); inside torch.compile it is
+    skipped, and the kernels turn an out-of-range label into a NaN loss for its row rather than
+    reading out of bounds. `check_labels=False` leaves the check to the caller (the sharded head
+    folds it into the exchange its ranks make anyway).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: a wrong shape, a device mismatch, an empty input, a scalar out of its
+            range, an unknown option, or (CPU tensors) a label out of range.
+    """
     _tensor("embeddings", embeddings, 2)
     _tensor("prototypes", prototypes, 2)
     _tensor("labels", labels, 1, (torch.int64,))
@@ -91,28 +158,26 @@ def validate_head_inputs(
         raise ValueError(f"ui_center has D = {ui_center.shape[0]} but embeddings has D = {dim}")
     _length("labels", labels, batch, "the batch size B")
     _length("sample_weight", sample_weight, batch, "the batch size B")
-    _finite_scalar("scale", scale, positive=True)
-    _finite_scalar("margin", margin)
+    _number("scale", scale, 0.0, MAX_SCALE, low_open=True)
+    _number("margin", margin, 0.0, MAX_MARGIN, high_open=True)
     _choice("margin_mode", margin_mode, MARGIN_MODES)
     _choice("ri_form", ri_form, RI_FORMS)
     _choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not torch.compiler.is_compiling():
-        num_classes = prototypes.shape[0] if num_classes is None else num_classes
-        bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            raise ValueError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-                             f"found {value}")
+    _number("ignore_index", ignore_index, *INT64_RANGE, integer=True)
+    if check_labels:
+        _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, ignore_index)
 
 
 def validate_kernel_options(chunk_size: int, grad_filter_eps: float) -> None:
-    """The kernels' tuning options of `arcface_head` (see its docstring)."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be an int >= 0 (0: automatic), got {chunk_size!r}")
-    if not isinstance(grad_filter_eps, (int, float)) or not 0.0 <= grad_filter_eps < 1.0:
-        raise ValueError(f"grad_filter_eps must be a number in [0, 1), got {grad_filter_eps!r}")
+    """The kernels' tuning options of `arcface_head` (see its docstring); what each backend
+    accepts of chunk_size beyond this is `backends.chunk_size_for`'s.
+
+    Raises:
+        TypeError: chunk_size is not an int, or grad_filter_eps not a number.
+        ValueError: chunk_size < 0 (or beyond int64), grad_filter_eps outside [0, 1).
+    """
+    _number("chunk_size", chunk_size, 0, INT64_RANGE[1], integer=True)
+    _number("grad_filter_eps", grad_filter_eps, 0.0, 1.0, high_open=True)
 
 
 def validate_aux_inputs(
@@ -128,7 +193,15 @@ def validate_aux_inputs(
     recognizable: Optional[torch.Tensor],
     weights: Sequence[float],
 ) -> None:
-    """Raises TypeError/ValueError naming the argument for anything `ree_aux_loss` cannot take."""
+    """Checks everything `ree_aux_loss` takes (docs/spec.md §2): shapes, dtypes, devices and the
+    range of every scalar (tau in [0, 10], beta in (0, 10], mu_ui and the weights finite within
+    float32's range). A tensor mu_ui is not read (no host synchronisation).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype.
+        ValueError: a wrong shape, a device mismatch, an empty input, a scalar out of its
+            range, or attn without embeddings and ui_center.
+    """
     _tensor("ri_pred", ri_pred, 1)
     _tensor("ri_target", ri_target, 1)
     batch = ri_pred.shape[0]
@@ -140,9 +213,9 @@ def validate_aux_inputs(
             raise ValueError(f"mu_ui must be a scalar, got shape {tuple(mu_ui.shape)}")
         _tensor("mu_ui", mu_ui.reshape(()), 0)
     else:
-        _finite_scalar("mu_ui", mu_ui)
-    _finite_scalar("tau", tau)
-    _finite_scalar("beta", beta, positive=True)
+        _float32_number("mu_ui", mu_ui)
+    _number("tau", tau, 0.0, MAX_TAU)
+    _number("beta", beta, 0.0, MAX_BETA, low_open=True)
     if attn is not None:
         _tensor("attn", attn, 2)
         if embeddings is None or ui_center is None:
@@ -167,5 +240,5 @@ def validate_aux_inputs(
                  mu_ui=mu_ui if isinstance(mu_ui, torch.Tensor) else None)
     if len(weights) != 3:
         raise ValueError(f"weights must hold three numbers (l1, id, mse), got {len(weights)}")
-    for name, w in zip(("weights[0]", "weights[1]", "weights[2]"), weights):
-        _finite_scalar(name, w)
+    for k, w in enumerate(weights):
+        _float32_number(f"weights[{k}]", w)

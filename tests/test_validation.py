@@ -37,13 +37,23 @@ HEAD_CASES = [
     (dict(sample_weight=torch.ones(4)), ValueError, "sample_weight"),
     (dict(scale=0.0), ValueError, "scale"),
     (dict(scale=math.inf), ValueError, "scale"),
+    (dict(scale=1000.5), ValueError, r"scale must lie in \(0, 1000\]"),
+    (dict(scale=1e39), ValueError, "scale"),
+    (dict(scale=True), TypeError, "scale"),
     (dict(margin=math.nan), ValueError, "margin"),
+    (dict(margin=-0.1), ValueError, "margin"),
+    (dict(margin=math.pi / 2), ValueError, r"margin must lie in \[0, 1.5708\)"),
+    (dict(margin=1e39), ValueError, "margin"),
     (dict(margin_mode="sphereface"), ValueError, "margin_mode"),
     (dict(ri_form="max"), ValueError, "ri_form"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(ignore_index=2 ** 70), ValueError, "ignore_index"),
     (dict(backend="cudnn"), ValueError, "backend"),
     (dict(chunk_size=-1), ValueError, "chunk_size"),
+    (dict(chunk_size=2 ** 70), ValueError, "chunk_size"),
+    (dict(chunk_size=64.0), TypeError, "chunk_size"),
+    (dict(differentiable_stats=1), TypeError, "differentiable_stats"),
     (dict(grad_filter_eps=1e-3), ValueError, "grad_filter_eps"),
 ]
 
@@ -56,6 +66,16 @@ def test_head_rejects_bad_input(backend, overrides, error, name):
     args, options = head_args(**overrides)
     with pytest.raises(error, match=name):
         arcface_head(**args, **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_ends_of_every_closed_range_are_accepted(backend):
+    args, _ = head_args()
+    assert torch.isfinite(arcface_head(**args, scale=1000.0, margin=0.0, backend=backend).loss)
+    inputs = aux_inputs(6, 5, seed=2)
+    for tau, beta in ((0.0, 10.0), (10.0, 1e-3)):
+        out = ree_aux_loss(inputs["ri_pred"], inputs["ri_target"], -3.4e38, tau=tau, beta=beta, backend=backend)
+        assert torch.isfinite(out.l1)
 
 
 def test_head_rejects_mixed_devices():
@@ -98,14 +118,23 @@ AUX_CASES = [
     (dict(ri_target=torch.randn(5)), ValueError, "ri_target"),
     (dict(mu_ui=torch.zeros(2)), ValueError, "mu_ui"),
     (dict(mu_ui="0.1"), TypeError, "mu_ui"),
+    (dict(mu_ui=1e39), ValueError, "mu_ui"),
+    (dict(mu_ui=math.nan), ValueError, "mu_ui"),
     (dict(tau=math.nan), ValueError, "tau"),
+    (dict(tau=-0.1), ValueError, "tau"),
+    (dict(tau=10.5), ValueError, r"tau must lie in \[0, 10\]"),
+    (dict(tau=1e39), ValueError, "tau"),
     (dict(beta=0.0), ValueError, "beta"),
+    (dict(beta=10.5), ValueError, r"beta must lie in \(0, 10\]"),
+    (dict(beta=math.inf), ValueError, "beta"),
     (dict(embeddings=None), ValueError, "attn"),
     (dict(attn=torch.randn(6, 4)), ValueError, "attn|embeddings"),
     (dict(ui_center=torch.randn(4)), ValueError, "ui_center"),
     (dict(recognizable=torch.ones(6)), TypeError, "recognizable"),
     (dict(recognizable=torch.ones(5, dtype=torch.bool)), ValueError, "recognizable"),
     (dict(weights=(1.0, 1.0)), ValueError, "weights"),
+    (dict(weights=(1.0, 1e39, 1.0)), ValueError, r"weights\[1\]"),
+    (dict(weights=(1.0, 1.0, math.nan)), ValueError, r"weights\[2\]"),
     (dict(backend="fast"), ValueError, "backend"),
 ]
 

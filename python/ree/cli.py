@@ -10,16 +10,15 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ree_kernels.reference import RI_FORMS
+from ree_kernels import BACKENDS
+from ree_kernels.reference import MARGIN_MODES, RI_FORMS
 
 from .config import AMP_MODES, DEVICES, DIVERSION_TARGETS, METHODS, OPTIMIZERS, PRM_INPUTS, SCHEDULES, TrainConfig
 from .models.iresnet import BACKBONES
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
-            "device": DEVICES, "arch": tuple(BACKBONES),
-            "margin_mode": ("arcface", "arcface_easy", "arcface_st", "cosface"),
-            "ri_form": RI_FORMS, "backend": ("auto", "reference", "cpu", "cuda", "triton"),
-            "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS}
+            "device": DEVICES, "arch": tuple(BACKBONES), "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS,
+            "backend": BACKENDS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS}
 
 
 def _optional_int(text: str) -> Optional[int]:

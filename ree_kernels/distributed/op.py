@@ -1,0 +1,247 @@
+"""`sharded_arcface_head`: the forward and backward of the class-sharded head (the package
+docstring describes the passes and the gradient convention)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import reference
+from ..backends import FLOAT_DTYPES, kernel_op
+from ..head import refuse_double_backward
+from ..reference import MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
+from .checks import EMBEDDING_GRADS, SHARED_FIELDS, agree, check_local, device_of
+from .group import Group
+
+_NO_INDEX = torch.iinfo(torch.int64).max
+
+# --------------------------------------------------------------------------------------------
+# The local pass: the kernel ops, or the same contract in eager PyTorch for `reference`
+# --------------------------------------------------------------------------------------------
+
+def _reference_head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+                            chunk_size, grad_filter_eps) -> HeadRows:
+    """`head_forward` (ree_kernels/head.py) in eager PyTorch."""
+    return reference.arcface_rows(embeddings, prototypes, labels, scale=scale, margin=margin,
+                                  margin_mode=margin_mode, ignore_index=ignore_index)
+
+
+def _reference_head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
+                             chunk_size, grad_filter_eps) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`head_backward` in eager PyTorch, by autograd of the reference's logits.
+
+    It exists beside the reference because the kernel contract takes the softmax against a given
+    lse, the global one over all shards, which autograd of this shard's own pass
+    (`reference.arcface_rows`) cannot give. Row i's loss against the global lse L_i is
+    L_i − s·φ_i; on this shard its gradient is exp(ℓ_i − L_i)·∂ℓ_i − s·∂φ_i (the second term only
+    where the label lives here), with ℓ_i the log-sum-exp of the shard's logits: the shard's
+    share of the global softmax times the gradient of its own log-sum-exp."""
+    with torch.enable_grad():
+        emb = embeddings.detach().requires_grad_(True)
+        protos = prototypes.detach().requires_grad_(True)
+        # The label is in range or has no target: no ignore_index is needed here.
+        out = reference.arcface_logits(emb, protos, labels, scale=scale, margin=margin,
+                                       margin_mode=margin_mode, ignore_index=-1)
+        local_lse = torch.logsumexp(out.logits, dim=1)
+        share = torch.exp(local_lse.detach() - lse)
+        target_logit = torch.where(out.has_target, scale * out.phi, 0.0)
+        objective = (row_grad * (share * local_lse - target_logit)).sum()
+        return torch.autograd.grad(objective, (emb, protos))
+
+
+def _local_ops(backend: str) -> Tuple[Callable, Callable]:
+    if backend == "reference":
+        return _reference_head_forward, _reference_head_backward
+    return kernel_op(backend, "head_forward"), kernel_op(backend, "head_backward")
+
+
+class _ShardPass(NamedTuple):
+    """Everything the autograd function needs besides its two differentiable inputs. The global
+    batch is laid out padded: rank r's rows at [r·max_batch, r·max_batch + batch_r)."""
+
+    group: Group
+    max_batch: int
+    start: int
+    local_labels: torch.Tensor  # the local label of owned rows, a negative value elsewhere
+    owned: torch.Tensor  # [global] the label lives on this shard
+    ignored: torch.Tensor  # [global] the label is ignore_index (padding included)
+    forward_op: Callable
+    backward_op: Callable
+    scale: float
+    margin: float
+    margin_mode: str
+    local_ignore: int
+    chunk_size: int
+    grad_filter_eps: float
+    reduction: str
+    embedding_grad: str
+
+
+def _combine(p: _ShardPass, local: HeadRows) -> Tuple[torch.Tensor, ...]:
+    """The per-row results over all shards from this shard's: (loss_rows, cos_pos, cos_neg,
+    neg_index, lse), the same on every rank, in float64: the values of several shards meet here,
+    and float32 roundings in the combine and in the reduction over the global batch would add
+    up to more error than one single-process pass has (the vectors are only [B] long)."""
+    lse_local, loss_local, cos_pos_local, cos_neg_local = (
+        x.double() for x in (local.lse, local.loss, local.cos_pos, local.cos_neg))
+    has_negative = local.neg_index >= 0  # False: this shard's only class is the row's label
+    peaks = torch.stack([lse_local, torch.where(has_negative, cos_neg_local, -math.inf)])
+    lse_max, cos_neg = p.group.all_reduce(peaks, dist.ReduceOp.MAX)
+    # The owner's target logit s·φ(cos_pos) is lse − loss of its pass, exact in float64: φ taken
+    # again of the rounded cos_pos would be off by up to s·sin(m)·sqrt(2·ulp) near cos = 1.
+    # NaN logits make the sums NaN, and so every output that depends on them.
+    sums = torch.stack([torch.exp(lse_local - lse_max), torch.where(p.owned, cos_pos_local, 0.0),
+                        torch.where(p.owned, lse_local - loss_local, 0.0)])
+    exp_sum, cos_pos, target_logit = p.group.all_reduce(sums, dist.ReduceOp.SUM)
+    lse = lse_max + torch.log(exp_sum)
+
+    is_nearest = has_negative & (cos_neg_local == cos_neg)
+    neg_index = torch.where(is_nearest, local.neg_index + p.start, _NO_INDEX)
+    p.group.all_reduce(neg_index, dist.ReduceOp.MIN)  # ties between shards: the lowest global index
+    cos_neg = torch.where(cos_neg == -math.inf, -1.0, cos_neg)  # C = 1: no negative anywhere
+    neg_index = torch.where(neg_index == _NO_INDEX, -1, neg_index)  # that, or NaN cosines
+
+    cos_pos = torch.where(p.ignored, math.nan, cos_pos)
+    loss_rows = torch.where(p.ignored, 0.0, lse - target_logit)
+    sdt = local.lse.dtype
+    return loss_rows, cos_pos.to(sdt), cos_neg.to(sdt), neg_index, lse.to(sdt)
+
+
+class _ShardedRows(torch.autograd.Function):
+    """(this rank's embeddings, its prototype shard) -> the per-row results of the global batch."""
+
+    @staticmethod
+    def forward(ctx, embeddings: torch.Tensor, shard: torch.Tensor, p: _ShardPass):
+        padded = embeddings.new_zeros((p.max_batch, embeddings.shape[1]))
+        padded[: embeddings.shape[0]] = embeddings
+        gathered = p.group.all_gather(padded).flatten(0, 1)
+        # The local pass computes in the inputs' dtype, as the kernel ops do under autocast too, so
+        # that the eager backward recomputes exactly the forward's logits.
+        with torch.autocast(gathered.device.type, enabled=False):
+            outputs = p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
+                                   p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps)
+            local = HeadRows(*outputs[:len(HeadRows._fields)])
+        loss_rows, cos_pos, cos_neg, neg_index, lse = _combine(p, local)
+        ctx.save_for_backward(gathered, shard, lse)
+        ctx.shard_pass = p
+        ctx.batch = embeddings.shape[0]
+        ctx.mark_non_differentiable(cos_pos, cos_neg, neg_index, lse)
+        return loss_rows, cos_pos, cos_neg, neg_index, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss_rows, *_):
+        refuse_double_backward("sharded_arcface_head",
+                               "use the single-process arcface_head with backend='reference' for that")
+        gathered, shard, lse = ctx.saved_tensors
+        p: _ShardPass = ctx.shard_pass
+        # Ignored and padding rows have a zero loss coefficient, hence a zero row gradient.
+        row_grad = grad_loss_rows.to(lse.dtype).contiguous()
+        if p.reduction == "none":  # each rank's gradients sit on its own rows only
+            row_grad = p.group.all_reduce(row_grad.clone(), dist.ReduceOp.SUM)
+        with torch.autocast(gathered.device.type, enabled=False):
+            grad_all, grad_shard = p.backward_op(gathered, shard.contiguous(), p.local_labels, lse, row_grad,
+                                                 p.scale, p.margin, p.margin_mode, p.chunk_size,
+                                                 p.grad_filter_eps)
+        grad_mine = p.group.reduce_scatter(grad_all.reshape(p.group.world, p.max_batch, -1))[: ctx.batch]
+        if p.embedding_grad == "ddp":
+            grad_mine = grad_mine * p.group.world
+        return grad_mine, grad_shard, None
+
+
+def sharded_arcface_head(
+    embeddings: torch.Tensor,
+    prototype_shard: torch.Tensor,
+    labels: torch.Tensor,
+    ui_center: Optional[torch.Tensor] = None,
+    *,
+    num_classes: int,
+    process_group: Optional[dist.ProcessGroup] = None,
+    scale: float = 64.0,
+    margin: float = 0.5,
+    margin_mode: str = "arcface",
+    ri_form: str = "product",
+    sample_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    embedding_grad: str = "ddp",
+    chunk_size: int = 0,
+    grad_filter_eps: float = 0.0,
+) -> HeadOutput:
+    """`arcface_head` over the global batch of `process_group`, with the prototypes sharded by class.
+
+    Args:
+        embeddings: [B_r, D] this rank's rows (B_r may differ between ranks).
+        prototype_shard: [C_r, D] this rank's prototypes: the classes `shard_range(num_classes,
+            rank, world)`.
+        labels: [B_r] global class ids in [0, num_classes), or `ignore_index`.
+        ui_center, sample_weight: as in `arcface_head`, for this rank's rows.
+        num_classes: C, the total over all shards.
+        process_group: the ranks that share the batch and the classes (default: the world; a
+            lone process when torch.distributed is not initialised).
+        embedding_grad: "ddp" (default) or "exact": the gradient convention of the package
+            docstring; it scales the embedding gradient only.
+        The other options are those of `arcface_head`, and must agree across ranks.
+
+    Returns:
+        HeadOutput for this rank's rows: the loss ("mean", "sum": over the global batch, the
+        same on every rank; "none": this rank's rows), the statistics with `neg_index` a global
+        class id and `lse` over all classes. Every rank must call this with its arguments, and
+        then backpropagate, at the same step; bad or inconsistent arguments raise the same
+        error on every rank. Differentiable once (create_graph=True raises).
+
+    Raises:
+        TypeError, ValueError: as `arcface_head` does, on the rank whose argument is bad; the
+            other ranks raise ValueError naming that rank (and so do all ranks when a shared
+            option differs across them). A shard of the wrong size raises ValueError.
+        RuntimeError: the backend cannot run here.
+    """
+    group = Group(process_group)
+    options = dict(num_classes=num_classes, scale=scale, margin=margin, margin_mode=margin_mode,
+                   ri_form=ri_form, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                   embedding_grad=embedding_grad, chunk_size=chunk_size, grad_filter_eps=grad_filter_eps)
+    error: Optional[BaseException] = None
+    shared: List[float] = [0.0] * (1 + len(SHARED_FIELDS))
+    label_summary: Optional[torch.Tensor] = None
+    try:
+        start, stop, chosen, chunk_size, label_summary = check_local(
+            group, embeddings, prototype_shard, labels, ui_center, sample_weight, **options)
+        shared = [embeddings.shape[0], num_classes, embeddings.shape[1], FLOAT_DTYPES.index(embeddings.dtype),
+                  scale, margin, MARGIN_MODES.index(margin_mode), ignore_index, REDUCTIONS.index(reduction),
+                  sample_weight is not None, EMBEDDING_GRADS.index(embedding_grad)]
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
+        error = err
+    batches = agree(group, device_of(embeddings, prototype_shard, labels), error, shared, label_summary,
+                    num_classes, ignore_index)
+
+    max_batch = max(batches)
+    sdt = stat_dtype(embeddings.dtype)
+    pad = max_batch - embeddings.shape[0]
+    labels_all = group.all_gather(nn.functional.pad(labels, (0, pad), value=ignore_index)).flatten()
+    weights_all = None
+    if sample_weight is not None:
+        weights_all = group.all_gather(nn.functional.pad(sample_weight.detach().double(), (0, pad))).flatten()
+    ignored = labels_all == ignore_index
+    owned = (labels_all >= start) & (labels_all < stop) & ~ignored
+    local_ignore = ignore_index if ignore_index < 0 else -1  # never a local class id
+    forward_op, backward_op = _local_ops(chosen)
+    shard_pass = _ShardPass(
+        group=group, max_batch=max_batch, start=start,
+        local_labels=torch.where(owned, labels_all - start, local_ignore), owned=owned, ignored=ignored,
+        forward_op=forward_op, backward_op=backward_op, scale=float(scale), margin=float(margin),
+        margin_mode=margin_mode, local_ignore=local_ignore, chunk_size=chunk_size,
+        grad_filter_eps=float(grad_filter_eps), reduction=reduction, embedding_grad=embedding_grad,
+    )
+    loss_rows, cos_pos, cos_neg, neg_index, lse = _ShardedRows.apply(embeddings, prototype_shard, shard_pass)
+
+    coef = reference.loss_coefficients(labels_all, weights_all, ignore_index, reduction, loss_rows.dtype)
+    loss = reference.reduce_rows(loss_rows, coef, reduction)
+    mine = slice(group.rank * max_batch, group.rank * max_batch + embeddings.shape[0])
+    if reduction == "none":
+        loss = loss[mine]
+    loss = loss.to(sdt)
+    rows = HeadRows(loss_rows[mine].to(sdt), cos_pos[mine], cos_neg[mine], neg_index[mine], lse[mine])
+    return reference.head_output(loss, rows, embeddings, ui_center, ri_form)
