@@ -7,14 +7,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
-CSRC := $(shell find csrc -type f) setup.py
+CSRC := $(shell find csrc -type f) setup.py pyproject.toml
 TORCH_INCLUDES = $$($(PY) -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')
 NVCC ?= nvcc
 CUDA_HOME ?= /usr/local/cuda
 REE_CUDA_ARCHS ?= 80;90
 REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-.PHONY: install test bench bench-lfw demo cuda-check cmake-build gpu-check clean
+.PHONY: install test bench bench-lfw bench-regress lint packaging-check demo cuda-check cmake-build gpu-check clean
 
 install: $(BUILD_STAMP)
 
@@ -36,6 +36,20 @@ test: install
 
 bench: install
 	$(PY) benchmarks/run.py --suite cpu
+
+# pytest-benchmark over the same providers at small shapes (seconds): a speed-regression check.
+# BENCH_ARGS=--benchmark-autosave saves the run; --benchmark-compare compares with the last one.
+BENCH_ARGS ?=
+bench-regress: install
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-sort=name $(BENCH_ARGS)
+
+lint: $(DEPS_STAMP)
+	$(PY) -m ruff check .
+
+# Editable installs with pip 23.2 and the current pip, a wheel in a fresh venv, each used from
+# outside the tree (.ci/packaging-check says how; about 2 minutes, no recompilation).
+packaging-check: install
+	bash .ci/packaging-check
 
 # The main job: LFW-VLR (REE, ArcFace and CR-FIQA, one seed) when LFW is found ($(REE_LFW_DIR),
 # else scikit-learn's cache), else the synthetic demo; runs/demo/report.md. Idle OpenMP threads
@@ -86,4 +100,4 @@ cmake-build: install
 	$(PY) -c 'import torch; torch.ops.load_library("build/cmake/libree_kernels.so"); print("cmake-build: loaded", torch.ops.ree.aux_forward)'
 
 clean:
-	rm -rf build $(VENV) ree_kernels/_C*.so *.egg-info
+	rm -rf build dist $(VENV) ree_kernels/_C*.so *.egg-info .benchmarks

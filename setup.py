@@ -1,5 +1,8 @@
 """Builds `ree_kernels._C` (the C++ CPU kernels, and the CUDA kernels where torch has CUDA).
 
+Everything else (name, version, dependencies, packages, the `ree` script) is in pyproject.toml;
+build without isolation, against the installed torch: `pip install --no-build-isolation -e .`
+
 Environment flags:
   REE_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
   REE_CUDA_ARCHS="80;90" the CUDA architectures to compile for (default 80;90)
@@ -9,9 +12,9 @@ Environment flags:
 import glob
 import os
 
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,16 +50,14 @@ def extension():
                          extra_link_args=["-fopenmp"])
 
 
-setup(
-    name="ree-kernels",
-    version="0.1.0",
-    description="Fused kernels and a training package for recognizability-aware (REE) face recognition",
-    packages=find_packages(include=["ree_kernels", "ree_kernels.*"])
-    + find_packages("python", include=["ree", "ree.*"]),
-    package_dir={"ree": "python/ree"},
-    entry_points={"console_scripts": ["ree = ree.cli:main"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-)
+class ReusingBuildExtension(BuildExtension):
+    """Compiles into one folder, build/ninja, whichever front end asks (an editable install
+    asks for a fresh temporary folder each time): ninja then recompiles only the sources, headers
+    or flags that changed, so `make install`, a wheel and a reinstall reuse each other's objects."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "ninja")
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": ReusingBuildExtension})

@@ -19,7 +19,6 @@ from benchmarks.harness import Stats
 
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "B", "C", "D", "dtype", "p50", "p20", "p80",
                "device", "commit", "timestamp")
-METRICS = ("time_ms", "peak_mem_mb")
 MEMORY_MODE = "full"
 """Workspace is measured over forward and backward together, as docs/spec.md §4 defines it."""
 
@@ -165,12 +164,12 @@ def summary_table(results: Results, resolution_mb: float = 0.01) -> str:
               for r in ratios(results, resolution_mb)}
     for (kernel, shape, dtype), providers in groups.items():
         for provider in providers:
-            def stats(mode, metric="time_ms"):
-                return results.get(Key(kernel, provider, mode, metric, *shape, dtype))
+            times = {mode: results.get(Key(kernel, provider, mode, "time_ms", *shape, dtype))
+                     for mode in ("fwd", "bwd", "full")}
             full = by_key.get((kernel, shape, dtype, MEMORY_MODE, provider), {})
-            memory = stats(MEMORY_MODE, "peak_mem_mb")
-            lines.append((kernel, shape_text(kernel, shape), dtype, provider, _fmt_ms(stats("fwd")),
-                          _fmt_ms(stats("bwd")), _fmt_ms(stats("full")), _fmt_x(full.get("time_vs_floor")),
+            memory = results.get(Key(kernel, provider, MEMORY_MODE, "peak_mem_mb", *shape, dtype))
+            lines.append((kernel, shape_text(kernel, shape), dtype, provider, _fmt_ms(times["fwd"]),
+                          _fmt_ms(times["bwd"]), _fmt_ms(times["full"]), _fmt_x(full.get("time_vs_floor")),
                           _fmt_x(full.get("time_vs_eager")),
                           "-" if memory is None else f"{memory.p50:.1f}",
                           _fmt_x(full.get("eager_workspace_over_this"))))
@@ -179,9 +178,11 @@ def summary_table(results: Results, resolution_mb: float = 0.01) -> str:
 
 
 def plot_sweep(path: Path, title: str, kernel: str, shapes: Sequence[Tuple[int, int, int]],
-               providers: Sequence[str], modes: Sequence[str], dtype: str, results: Results) -> Optional[str]:
+               providers: Sequence[str], modes: Sequence[str], dtype: str, results: Results,
+               footnotes: Sequence[str] = ()) -> Optional[str]:
     """A PNG of the sweep: time (p50, p20–p80 bars) and workspace per provider, against the
-    axis that varies, or per mode when the sweep has one shape. None, or why no plot."""
+    axis that varies, or per mode when the sweep has one shape; `footnotes` under the axes.
+    None, or why no plot."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -243,7 +244,11 @@ def plot_sweep(path: Path, title: str, kernel: str, shapes: Sequence[Tuple[int, 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    if footnotes:
+        fig.text(0.01, 0.01, "\n".join(footnotes), fontsize=7, va="bottom", wrap=True)
+        fig.tight_layout(rect=(0, 0.04 * len(footnotes), 1, 1))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None

@@ -2,7 +2,7 @@
 """Benchmarks of the REE ops against the matmul floor, eager PyTorch and torch.compile (docs/spec.md §6).
 
     python benchmarks/run.py --suite cpu            # what `make bench` runs (< 10 min, 2 cores)
-    python benchmarks/run.py --suite quick          # < 2 min subset (`make demo`: --suite demo)
+    python benchmarks/run.py --suite quick          # a subset, about 2 min
     python benchmarks/run.py --suite gpu --out $OUT # H100/H200 (`make gpu-check`)
     python benchmarks/run.py --suite quick --shape 64,2048,32 --providers floor,eager --out /tmp/b
 
@@ -32,7 +32,18 @@ import torch  # noqa: E402
 from benchmarks import harness, report  # noqa: E402
 from benchmarks.harness import Budget, Stats  # noqa: E402
 from benchmarks.providers import (  # noqa: E402
-    DIFFERENTIABLE, EXACT_COUNTERPART, FILTER_EPS, KERNELS, MODES, PROVIDERS, Case, Unavailable, build, make_inputs)
+    DIFFERENTIABLE,
+    EXACT_COUNTERPART,
+    FILTER_EPS,
+    KERNELS,
+    MODES,
+    PROVIDERS,
+    Case,
+    Unavailable,
+    build,
+    gradients_in_forward,
+    make_inputs,
+)
 from benchmarks.report import MEMORY_MODE, Key  # noqa: E402
 
 Shape = Tuple[int, int, int]
@@ -58,31 +69,31 @@ class Suite:
     about: str
 
 
-GPU_HEAD = ("floor", "eager", "compiled", "cuda", "triton", "triton-filter")
+GPU_HEAD = ("floor", "eager", "compiled", "cuda", "triton", "triton-filter", "cce", "liger")
 SUITES: Dict[str, Suite] = {
     "cpu": Suite("cpu", (
-        Sweep("target", "head", ("floor", "eager", "compiled", "cpu"), MODES, ((256, 50_000, 512),), "float32"),
+        Sweep("target", "head", ("floor", "eager", "compiled", "cce-compile", "cpu"), MODES, ((256, 50_000, 512),),
+              "float32"),
         Sweep("classes", "head", ("floor", "eager", "cpu"), ("full",),
               tuple((256, c, 512) for c in (10_000, 25_000, 50_000, 100_000, 200_000)), "float32"),
         Sweep("aux", "aux", ("eager", "cpu"), MODES, ((1024, 0, 512),), "float32"),
     ), Budget(warmup_s=0.25, measure_s=2.0, min_reps=5, max_reps=500),
-        "head B=256 D=512 C=50k float32 (floor, eager, compiled, cpu; fwd/bwd/full), a C sweep "
+        "head B=256 D=512 C=50k float32 (floor, eager, compiled, cce-compile, cpu; fwd/bwd/full), a C sweep "
         "10k-200k (floor, eager, cpu; full), aux B=1024 D=512 (eager, cpu); < 10 min on 2 cores"),
     "quick": Suite("cpu", (
-        Sweep("head", "head", ("floor", "eager", "cpu"), ("full",), ((256, 50_000, 512),), "float32"),
+        Sweep("head", "head", ("floor", "eager", "cce-compile", "cpu"), ("full",), ((256, 50_000, 512),), "float32"),
         Sweep("aux", "aux", ("eager", "cpu"), ("full",), ((1024, 0, 512),), "float32"),
     ), Budget(warmup_s=0.1, measure_s=0.5, min_reps=3, max_reps=200),
-        "head B=256 D=512 C=50k float32 (floor, eager, cpu) and aux B=1024 D=512 (eager, cpu), "
-        "forward+backward; < 2 min"),
+        "head B=256 D=512 C=50k float32 (floor, eager, cce-compile, cpu) and aux B=1024 D=512 (eager, cpu), "
+        "forward+backward; about 2 min"),
     "gpu": Suite("cuda", (
         Sweep("c1m", "head", GPU_HEAD, MODES, ((1024, 1_000_000, 512),), "bfloat16"),
         Sweep("c100k", "head", GPU_HEAD, MODES, ((512, 100_000, 512),), "bfloat16"),
         Sweep("aux", "aux", ("eager", "cuda", "triton"), MODES, ((1024, 0, 512),), "bfloat16"),
     ), Budget(warmup_s=0.1, measure_s=0.5, min_reps=10, max_reps=200),
         "head B=1024 C=1M and B=512 C=100k, D=512 bf16 (floor, eager, compiled, cuda, triton, "
-        "triton-filter), aux B=1024 D=512 bf16 (eager, cuda, triton); a few minutes on an H100"),
+        "triton-filter, cce, liger), aux B=1024 D=512 bf16 (eager, cuda, triton); a few minutes on an H100"),
 }
-SUITES["demo"] = replace(SUITES["quick"], about="the quick suite (what `make demo` runs)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -102,7 +113,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), help="replace the suite's device")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="output folder (default: benchmarks/results)")
-    parser.add_argument("--repeats", type=int, help="exactly this many timed repeats (default: the suite's time budget)")
+    parser.add_argument("--repeats", type=int,
+                        help="exactly this many timed repeats (default: the suite's time budget)")
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--cos-pos", type=float, default=0.8,
@@ -376,14 +388,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report.write_csv(path, report.csv_rows(mine, device_name, commit, timestamp))
             written.append(path)
     notes = []
+    # fwd and bwd alone mislead for providers that compute the gradients in the forward.
+    split_modes = {(k.kernel, k.provider) for k in run.results if k.mode in ("fwd", "bwd")}
+    mode_notes = {kp: note for kp in sorted(split_modes) if (note := gradients_in_forward(*kp))}
     if not args.no_plot:
         for sweep in sweeps:
             if not any(k.kernel == sweep.kernel for k in run.results):
                 continue
             path = args.out / f"{sweep.kernel}_{device_name}_{label}_{sweep.name}.png"
             title = f"{sweep.kernel} {sweep.dtype} on {device_name} ({label}, {commit})"
+            footnotes = [note for (kernel, provider), note in mode_notes.items()
+                         if kernel == sweep.kernel and provider in sweep.providers and set(sweep.modes) - {"full"}]
             why_not = report.plot_sweep(path, title, sweep.kernel, sweep.shapes, sweep.providers, sweep.modes,
-                                        sweep.dtype, run.results)
+                                        sweep.dtype, run.results, footnotes)
             if why_not:
                 notes.append(why_not)
                 break
@@ -401,6 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "workspace_resolution_mb": resolution_mb,
         "ratios": report.ratios(run.results, resolution_mb),
         "approximation_errors": run.accuracy,
+        "notes": [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()],
         "skipped": [{"kernel": k, "provider": p, "reason": r, "where": w} for (k, p, r), w in run.skipped.items()],
         "failures": run.failures,
     })
@@ -409,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     for (kernel, provider, reason), where in run.skipped.items():
         print(f"skipped {kernel}/{provider} ({len(where)}x): {reason}")
+    notes += [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()]
     if busy:
         notes.append(busy)
     for note in notes:

@@ -102,13 +102,15 @@ def tables(args: argparse.Namespace) -> str:
             f"Prototype state per rank: float32 shard + gradient + {optimizer} state"
             + (f" + {a}-byte autocast copy" if a < 4 else ""),
             class_rows, ranks,
-            lambda r, c: human(prototype_state_bytes(classes_of[r], world_of[c], d, a, optimizer))))
+            lambda r, c, optimizer=optimizer: human(
+                prototype_state_bytes(classes_of[r], world_of[c], d, a, optimizer))))
     for classes in CLASSES:
         out.append(table(
             f"Head workspace per rank, C = {classes:,}: ours / PartialFC (B x C/W float32 logits, a lower bound)",
             batch_rows, ranks,
-            lambda r, c: (f"{human(ours_workspace_bytes(classes, batch_of[r], world_of[c], d, a, chunk))} / "
-                          f"{human(partialfc_workspace_bytes(classes, batch_of[r], world_of[c], d))}")))
+            lambda r, c, classes=classes: (
+                f"{human(ours_workspace_bytes(classes, batch_of[r], world_of[c], d, a, chunk))} / "
+                f"{human(partialfc_workspace_bytes(classes, batch_of[r], world_of[c], d))}")))
     out.append(table(
         "Bytes sent per rank per step (any C): ours / PartialFC", batch_rows, ranks,
         lambda r, c: (f"{human(ours_sent_bytes(batch_of[r], world_of[c], d, a))} / "

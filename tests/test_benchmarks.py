@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import harness, report, run  # noqa: E402
+from benchmarks import harness, providers, report, run  # noqa: E402
 from benchmarks.harness import Budget, Stats  # noqa: E402
+from benchmarks.providers import Unavailable, _plain_ce_call, make_inputs  # noqa: E402
 from benchmarks.report import CSV_COLUMNS, Key  # noqa: E402
 
 
@@ -209,3 +211,77 @@ def test_tiny_gpu_run_measures_time_and_allocator_workspace(tmp_path):
     assert logits_mb <= head["floor"]["workspace_mb"] < logits_mb + 1.0
     assert head["eager"]["workspace_mb"] > head["floor"]["workspace_mb"]
     assert all(r["time_ms"] > 0 for r in summary["ratios"])
+
+
+def _plain_ce_reference(x):
+    """Plain linear cross-entropy in float64 eager PyTorch: the loss and its two gradients."""
+    e = x["embeddings"].double().requires_grad_(True)
+    w = x["prototypes"].double().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(e @ w.T, x["labels"])
+    return (loss, *torch.autograd.grad(loss, (e, w)))
+
+
+def test_cut_cross_entropy_peer_is_plain_linear_cross_entropy():
+    case = run.Case("head", "cce-compile", 24, 300, 16, "float32", "cpu")
+    forward, backward = run.build(case, eager_limit_bytes=float("inf"))
+    x = make_inputs(case, cos_pos=0.8, seed=3)
+    state = forward(x)
+    ours = (state[0][0].detach(), *backward(state))
+    for got, want in zip(ours, _plain_ce_reference(x)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_liger_peer_call_is_plain_linear_cross_entropy():
+    # Liger's Triton kernels run here in Triton's interpreter (tests/conftest.py sets it), which
+    # checks the call the GPU suite makes; the provider itself is GPU-only.
+    pytest.importorskip("liger_kernel", reason="liger-kernel is pinned in requirements.txt")
+    x = make_inputs(run.Case("head", "liger", 16, 200, 16, "float32", "cpu"), cos_pos=0.5, seed=4)
+    e = x["embeddings"].clone().requires_grad_(True)
+    w = x["prototypes"].clone().requires_grad_(True)
+    loss = _plain_ce_call("liger")(e, w, x["labels"])
+    ours = (loss.detach(), *torch.autograd.grad(loss, (e, w)))
+    for got, want in zip(ours, _plain_ce_reference(x)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("provider,kernel,device,reason", [
+    ("cce-compile", "aux", "cpu", "head only"),
+    ("liger", "aux", "cpu", "head only"),
+    ("cce", "head", "cpu", "GPU only"),
+    ("liger", "head", "cpu", "GPU only"),
+])
+def test_peers_that_cannot_run_say_why(provider, kernel, device, reason):
+    case = run.Case(kernel, provider, 8, 0 if kernel == "aux" else 50, 8, "float32", device)
+    with pytest.raises(Unavailable, match=reason):
+        run.build(case, eager_limit_bytes=float("inf"))
+
+
+def test_a_missing_peer_package_is_skipped_with_the_install_command(tmp_path, capsys, monkeypatch):
+    real_find_spec = providers.importlib.util.find_spec
+    monkeypatch.setattr(providers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cut_cross_entropy" else real_find_spec(name, *a))
+    code = run.main(["--suite", "quick", "--shape", "16,500,8", "--providers", "cce-compile,floor",
+                     "--kernels", "head", "--repeats", "2", "--no-memory", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads(next(tmp_path.glob("summary_*.json")).read_text())
+    [skipped] = summary["skipped"]
+    assert skipped["provider"] == "cce-compile" and "pip install cut-cross-entropy" in skipped["reason"]
+
+
+def test_gradients_computed_in_the_forward_are_noted_where_fwd_and_bwd_are_shown(tmp_path, capsys):
+    code = run.main(["--suite", "quick", "--shape", "16,500,8", "--providers", "floor,cpu", "--kernels", "head",
+                     "--modes", "fwd,bwd,full", "--repeats", "2", "--no-memory", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads(next(tmp_path.glob("summary_*.json")).read_text())
+    [note] = summary["notes"]
+    assert note.startswith("head/cpu:") and "GRAD_IN_FORWARD" in note
+    assert "note: head/cpu:" in capsys.readouterr().out
+    assert providers.gradients_in_forward("head", "floor") is None
+    assert providers.gradients_in_forward("head", "eager") is None
+
+
+def test_no_note_when_only_the_full_step_is_shown(tmp_path):
+    code = run.main(["--suite", "quick", "--shape", "16,500,8", "--providers", "cpu", "--kernels", "head",
+                     "--modes", "full", "--repeats", "2", "--no-memory", "--no-plot", "--out", str(tmp_path)])
+    assert code == 0
+    assert json.loads(next(tmp_path.glob("summary_*.json")).read_text())["notes"] == []
