@@ -325,3 +325,22 @@ def test_load_images(tmp_path):
         data.load_images([paths[0], tmp_path / "broken.jpg"], 8)
     with pytest.raises(ValueError, match="image_size"):
         data.load_images(paths, 0)
+
+
+def test_downsample_is_an_antialiased_capture_shown_at_the_input_size():
+    from ree.data.degrade import downsample
+
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1.0  # ±1, the finest detail
+    images = checker.expand(3, 3, 32, 32).clone()
+    assert torch.equal(downsample(images, 32), images)  # the input size itself: unchanged
+    eight = downsample(images, 8)
+    assert eight.shape == images.shape and float(eight.abs().max()) < 0.05  # antialiased: averages to grey
+    aliased = torch.nn.functional.interpolate(images, size=(8, 8), mode="nearest")
+    assert float(aliased.abs().min()) == 1.0  # what a reduction without the filter would keep
+    mixed = downsample(images, torch.tensor([32, 8, 16]), size=48)
+    assert mixed.shape == (3, 3, 48, 48)
+    torch.testing.assert_close(mixed[1:2], downsample(images[1:2], 8, size=48))
+    with pytest.raises(ValueError, match="resolution must lie in"):
+        downsample(images, 33)
+    with pytest.raises(ValueError, match="images must be"):
+        downsample(images[0], 8)

@@ -182,3 +182,42 @@ def test_bad_call_arguments():
         loss(emb, labels, None, attn, is_ui)
     with pytest.raises(ValueError, match="labels"):
         loss(emb, labels.clamp_max(C - 1) + 1, ri_pred, attn, is_ui)
+
+
+def test_crfiqa_regresses_the_certainty_ratio_only():
+    emb, ri_pred, attn, labels, is_ui = inputs(seed=12)
+    loss = make_loss(method="crfiqa", ri_form="product", beta=0.75)
+    rec = ~is_ui
+    out = loss(emb[rec], labels[rec], ri_pred[rec], attn[rec])
+    head = reference.arcface_head(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4, ri_form="crfiqa")
+    expected_l1 = reference.smooth_l1(ri_pred[rec] - head.ri, 0.5).mean()  # CR-FIQA's β = 0.5
+    torch.testing.assert_close(out.total, head.loss + 10.0 * expected_l1)
+    torch.testing.assert_close(out.ri, head.ri)
+    assert float(out.id) == float(out.mse) == 0.0 and not bool(loss.tracker.initialized)
+    assert torch.autograd.grad(out.total, attn, allow_unused=True)[0] is None
+
+
+def test_diversion_on_the_true_ri_pushes_the_embeddings():
+    emb, ri_pred, attn, labels, is_ui = inputs(seed=13)
+    predicted = make_loss(weights=(0.0, 1.0, 0.0))
+    true = make_loss(weights=(0.0, 1.0, 0.0), diversion_target="true")
+    out_p = predicted(emb, labels, ri_pred, attn, is_ui)
+    out_t = true(emb, labels, ri_pred, attn, is_ui)
+    center = true.tracker.center
+    head = reference.arcface_head(emb, true.head.weight, labels, center, scale=16.0, margin=0.4,
+                                  sample_weight=(~is_ui).double())
+    # the statistics as differentiable functions of the embeddings (the reference's are detached)
+    cos = reference.normalize(emb) @ reference.normalize(true.head.weight).T
+    cos_pos = cos.gather(1, labels[:, None]).squeeze(1)
+    cos_neg = cos.scatter(1, labels[:, None], -2.0).max(1).values
+    cos_ui = reference.normalize(emb) @ reference.normalize(center.double())
+    torch.testing.assert_close(cos_neg.detach(), head.cos_neg)
+    ri = reference.recognizability_index(cos_pos, cos_neg, cos_ui, detach=False)
+    keep = ~is_ui
+    expected = torch.relu(true.tracker.mu + 0.3 - ri[keep]).mean()
+    torch.testing.assert_close(out_t.id, expected.detach())
+    torch.testing.assert_close(out_t.total, head.loss + expected)
+    g_pred, g_true = torch.autograd.grad(out_t.total, (ri_pred, emb), allow_unused=True)
+    assert g_pred is None or torch.count_nonzero(g_pred) == 0  # L_ID no longer trains the PRM
+    torch.testing.assert_close(g_true, torch.autograd.grad(head.loss + expected, emb)[0])
+    assert float(out_p.id) != float(out_t.id)

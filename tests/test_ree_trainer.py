@@ -70,13 +70,14 @@ def faces():
     return TinyFaces()
 
 
-def test_resume_is_bitwise(tmp_path, faces):
-    straight = Trainer(config(tmp_path, "straight"), dataset=faces)
+@pytest.mark.parametrize("extra", [{}, {"min_resolution": 7}], ids=["hr", "vlr-copies"])
+def test_resume_is_bitwise(tmp_path, faces, extra):
+    straight = Trainer(config(tmp_path, "straight", **extra), dataset=faces)
     straight.fit()
-    first = Trainer(config(tmp_path, "split"), dataset=faces)
+    first = Trainer(config(tmp_path, "split", **extra), dataset=faces)
     first.fit(stop_at=3)  # "interrupted" after 3 of 6 steps
     assert first.step == 3 and not states_equal(first, straight)
-    resumed = Trainer(config(tmp_path, "split"), dataset=faces, resume=tmp_path / "split" / "last.pt")
+    resumed = Trainer(config(tmp_path, "split", **extra), dataset=faces, resume=tmp_path / "split" / "last.pt")
     assert resumed.step == 3
     resumed.fit()
     assert resumed.step == 6
@@ -86,7 +87,7 @@ def test_resume_is_bitwise(tmp_path, faces):
     for a, b in zip(straight.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     # and a run that never stopped differs from one with another seed (the test can fail)
-    other = Trainer(config(tmp_path, "other", seed=1), dataset=faces)
+    other = Trainer(config(tmp_path, "other", seed=1, **extra), dataset=faces)
     other.fit()
     assert not states_equal(straight, other)
 
@@ -174,6 +175,17 @@ def test_ree_batches_append_uis_with_their_labels(tmp_path, faces):
     # UIs are degraded: far less detail than the images they come from
     detail = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()
     assert detail(images[8:]) < 0.5 * detail(images[:4])
+
+
+def test_vlr_copies_and_ui_resolutions_follow_the_config(tmp_path, faces):
+    raw, labels = Trainer(config(tmp_path, "x"), dataset=faces)._fetch(list(range(8)))
+    detail = lambda x: float((x[..., 1:] - x[..., :-1]).abs().mean())  # noqa: E731
+    plain = Trainer(config(tmp_path, "hr", ui_fraction=0.5), dataset=faces).prepare_batch(raw, labels)[0]
+    vlr = Trainer(config(tmp_path, "vlr", ui_fraction=0.5, min_resolution=4), dataset=faces).prepare_batch(raw, labels)[0]
+    assert detail(vlr[:8]) < 0.8 * detail(plain[:8])  # sides drawn in [4, 32]: most images lose detail
+    harsh = Trainer(config(tmp_path, "ui2", ui_fraction=0.5, ui_min_resolution=2, ui_max_resolution=2),
+                    dataset=faces).prepare_batch(raw, labels)[0]
+    assert detail(harsh[8:]) < detail(plain[8:])  # 2 px UIs are flatter than 4–6 px ones
 
 
 def test_training_reduces_the_classification_loss(tmp_path, faces):
@@ -275,6 +287,9 @@ def test_schedule_and_sampler():
     (dict(method="sphereface"), "method"), (dict(steps=0), "steps"), (dict(lr=0.0), "lr"),
     (dict(ui_fraction=1.5), "ui_fraction"), (dict(milestones=(0.8, 0.2)), "milestones"),
     (dict(arch="vit"), "arch"), (dict(input_size=31), "input_size"), (dict(amp="fp8"), "amp"),
+    (dict(min_resolution=1), "min_resolution"), (dict(min_resolution=33), "min_resolution"),
+    (dict(ui_min_resolution=5, ui_max_resolution=4), "ui_min_resolution"), (dict(prm_input="raw"), "prm_input"),
+    (dict(diversion_target="both"), "diversion_target"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

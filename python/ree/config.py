@@ -31,7 +31,8 @@ class TrainConfig:
 
     `min_resolution` > 0 trains on very-low-resolution copies: each training image is reduced to
     a side drawn uniformly from [min_resolution, input size] (antialiased) and shown at the input
-    size again (`ree.data.degrade.downsample`), for every method alike. `prm_input` feeds the PRM
+    size again (`ree.data.degrade.downsample`), for every method alike. REE's UIs are reduced to a
+    side in [ui_min_resolution, ui_max_resolution] (docs/spec.md §1.10 [R]). `prm_input` feeds the PRM
     the embedding v (docs/spec.md §1.5) or v̂; `diversion_target="true"` applies L_ID to the
     head's RI made differentiable instead of the PRM's ξ̂ (ablations of the [R] choices).
 
@@ -70,6 +71,8 @@ class TrainConfig:
     lambda_mse: float = 0.5
     tracker_momentum: float = 0.99
     ui_fraction: float = 0.25
+    ui_min_resolution: int = 4
+    ui_max_resolution: int = 6
     diversion_target: str = "predicted"
     min_resolution: int = 0
     backend: str = "auto"
@@ -126,6 +129,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if 0 < self.min_resolution < 2 or self.min_resolution > self.model_config().resolved_input_size:
             raise ValueError(f"min_resolution must be 0 (off) or in [2, input size], got {self.min_resolution!r}")
+        if not (isinstance(self.ui_min_resolution, int) and isinstance(self.ui_max_resolution, int)
+                and 1 <= self.ui_min_resolution <= self.ui_max_resolution <= self.model_config().resolved_input_size):
+            raise ValueError(f"ui_min_resolution and ui_max_resolution must satisfy 1 <= min <= max <= input size, got "
+                             f"{self.ui_min_resolution!r}, {self.ui_max_resolution!r}")
         if not 0.0 <= self.ui_fraction <= 1.0:
             raise ValueError(f"ui_fraction must lie in [0, 1], got {self.ui_fraction!r}")
         if not 0.0 <= self.tracker_momentum < 1.0:

@@ -163,7 +163,8 @@ class REELoss(nn.Module):
             ui_center=center.to(sdt) if use_attn else None,
             recognizable=recognizable[rows], weights=weights, backend=self.head.backend,
         )
-        total, diversion = head.loss + aux.total.to(head.loss.dtype), aux.id.detach()
+        total = head.loss + aux.total.to(head.loss.dtype)
+        diversion = zero if self.method == "crfiqa" else aux.id.detach()  # CR-FIQA has no L_ID
         if true_diversion:
             keep = recognizable & has_target
             hinge = reference.index_diversion(head.ri[keep], self.tracker.mu.to(sdt), self.tau)

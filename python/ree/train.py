@@ -225,8 +225,9 @@ class Trainer:
         is_ui = torch.zeros(images.shape[0], dtype=torch.bool, device=self.device)
         count = self.config.uis_per_batch // self.ranks.world
         if count:
-            draws = draw_uis(self.config.uis_per_batch, images.shape[1], self.generator).rows(mine)
-            uis = synthesize_uis(images[:count], draws=draws)
+            low, high = self.config.ui_min_resolution, self.config.ui_max_resolution
+            draws = draw_uis(self.config.uis_per_batch, images.shape[1], self.generator, max_res=high).rows(mine)
+            uis = synthesize_uis(images[:count], draws=draws, min_res=low, max_res=high)
             images = torch.cat([images, uis])
             labels = torch.cat([labels, labels[:count]])
             is_ui = torch.cat([is_ui, torch.ones(count, dtype=torch.bool, device=self.device)])

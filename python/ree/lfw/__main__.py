@@ -31,6 +31,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "REE, RI sum": {"method": "ree", "ri_form": "sum"},
     "REE, L_ID on true RI": {"method": "ree", "diversion_target": "true"},
     "REE, PRM on v̂": {"method": "ree", "prm_input": "normalized"},
+    "REE, UIs at 2–3 px": {"method": "ree", "ui_min_resolution": 2, "ui_max_resolution": 3},
+    "REE, UIs at 7–10 px": {"method": "ree", "ui_min_resolution": 7, "ui_max_resolution": 10},
 }
 """The ablation suite: one change each against the REE defaults (docs/lfw.md, "Ablations")."""
 
@@ -81,9 +83,12 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
 
 
 def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: experiment.Budget,
-              out: Path, cache_dir: Optional[Path] = None) -> str:
+              out: Path, cache_dir: Optional[Path] = None, variants: Optional[Sequence[str]] = None) -> str:
     start = time.perf_counter()
-    variants = ABLATIONS if suite == "ablation" else None
+    if suite == "ablation":
+        variants = {name: ABLATIONS[name] for name in (variants or ABLATIONS)}
+    else:
+        variants = None
     summary, curves = experiment.run(source, split=split, seeds=seeds, budget=budget, out=out / "runs",
                                      variants=variants, cache_dir=cache_dir, say=say)
     title = f"LFW-VLR {suite}: {split} split, seeds {list(seeds)}"
@@ -107,6 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=experiment.Budget.steps)
     parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112))
+    parser.add_argument("--min-images", type=int, default=experiment.Budget.min_images,
+                        help="images a training person needs")
+    parser.add_argument("--variants", nargs="+", default=None, help="ablation suite: only these variants")
     parser.add_argument("--output", type=Path, default=None, help="default runs/lfw-<suite>-<split>")
     args = parser.parse_args(argv)
     split = args.split or ("val" if args.suite == "ablation" else "test")
@@ -114,10 +122,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source = lfw.find_lfw(args.lfw)
     except lfw.LfwNotFound as err:
         parser.error(str(err))
-    budget = experiment.Budget(steps=args.steps, warmup_steps=max(args.steps // 10, 1), input_size=args.input_size)
+    budget = experiment.Budget(steps=args.steps, warmup_steps=max(args.steps // 10, 1), input_size=args.input_size,
+                               min_images=args.min_images)
     out = args.output or Path(f"runs/lfw-{args.suite}-{split}")
+    unknown = sorted(set(args.variants or ()) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(ABLATIONS)}")
     print(run_suite(args.suite, source, split=split, seeds=args.seeds, budget=budget, out=out,
-                    cache_dir=Path("runs/cache")))
+                    cache_dir=Path("runs/cache"), variants=args.variants))
     return 0
 
 

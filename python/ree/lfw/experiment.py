@@ -37,6 +37,7 @@ class Budget:
     input_size: int = 32
     arch: str = "small"
     min_resolution: int = 7
+    min_images: int = protocol.MIN_IMAGES
     erc_pairs: int = 20000
 
     def config(self, method: str, output_dir: Path, seed: int, **overrides: Any) -> TrainConfig:
@@ -63,7 +64,7 @@ class Data:
 def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[str | Path] = None,
          progress: bool = False, seed: int = 0) -> Data:
     crops = lfw.load_crops(source, budget.input_size, cache_dir=cache_dir, progress=progress)
-    people = protocol.people(crops, source, split)
+    people = protocol.people(crops, source, split, budget.min_images)
     evalset = protocol.evaluation_set(crops, source, split, budget.input_size, erc_pairs=budget.erc_pairs, seed=seed)
     return Data(split, source, people, protocol.training_set(crops, people), evalset, crops.images[evalset.rows])
 
