@@ -41,7 +41,7 @@ from torch import nn
 
 from . import reference
 from .backends import kernel_op, resolve_backend
-from .reference import MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
+from .reference import IGNORE_INDEX, MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
 from .validation import FLOAT_DTYPES, validate_head_inputs, validate_kernel_options
 
 EMBEDDING_GRADS = ("ddp", "exact")
@@ -290,8 +290,9 @@ class _ShardedRows(torch.autograd.Function):
         # The local pass computes in the inputs' dtype, as the kernel ops do under autocast too, so
         # that the eager backward recomputes exactly the forward's logits.
         with torch.autocast(gathered.device.type, enabled=False):
+            # The RI needs the global statistics: cos_ui and ri (the kernels' last outputs) come after the combine.
             local = HeadRows(*p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
-                                           p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps))
+                                           p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps)[:5])
         loss_rows, cos_pos, cos_neg, neg_index, lse = _combine(p, local)
         ctx.save_for_backward(gathered, shard, lse)
         ctx.shard_pass = p
@@ -330,7 +331,7 @@ def sharded_arcface_head(
     margin_mode: str = "arcface",
     ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     backend: str = "auto",
     embedding_grad: str = "ddp",
@@ -549,7 +550,7 @@ class ShardedArcFaceHead(nn.Module):
         margin: float = 0.5,
         margin_mode: str = "arcface",
         ri_form: str = "product",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         embedding_grad: str = "ddp",
         chunk_size: int = 0,

@@ -4,18 +4,25 @@ Every kernel backend implements three ops with one contract (schemas in csrc/ops
 Triton ones mirror them with a `triton_` prefix):
 
 - `head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-  chunk_size, grad_filter_eps) -> (loss_rows, cos_pos, cos_neg, neg_index, lse)`: the
-  per-row pass of `reference.arcface_rows`, without a B × C tensor.
+  chunk_size, grad_filter_eps, ui_center=None, ri_form="product") -> (loss_rows, cos_pos,
+  cos_neg, neg_index, lse, cos_ui, ri)`: the per-row pass of `reference.arcface_rows`, without a
+  B × C tensor, completed with `reference.cosine_to_ui` (ui_center: [D], any float dtype, or
+  None: cos_ui NaN) and `reference.recognizability_index` of form `ri_form` (d^UI = 1 without
+  ui_center; NaN on rows without a target). Every output is [B], int64 for neg_index, else the
+  statistics dtype (`reference.stat_dtype`).
 - `head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
   chunk_size, grad_filter_eps) -> (grad_embeddings, grad_prototypes)`: the gradients of
-  Σ row_grad_i·loss_i, recomputing the cosines. A label outside [0, C) has no target term.
-- `head_forward_with_grad(embeddings, prototypes, labels, row_coef, <options>) -> (loss,
-  loss_rows, cos_pos, cos_neg, neg_index, lse, grad_embeddings, grad_prototypes)`: the
-  forward that also returns the gradients of loss = Σ row_coef_i·loss_i, for backends where
-  that beats recomputing (`GRAD_IN_FORWARD`); the backward then only scales them.
+  Σ row_grad_i·loss_i, recomputing the cosines as the forward computed them. A label outside
+  [0, C) has no target term.
+- `head_forward_with_grad(embeddings, prototypes, labels, row_coef, <options>, ui_center=None,
+  ri_form="product") -> (loss, loss_rows, cos_pos, cos_neg, neg_index, lse, grad_embeddings,
+  grad_prototypes, cos_ui, ri)`: the forward that also returns the gradients of
+  loss = Σ row_coef_i·loss_i, for backends where that beats recomputing (`GRAD_IN_FORWARD`); the
+  backward then only scales them.
 
-This module registers their fake kernels and autograd formulas, and composes them with the
-reduction, the UI cosine and the RI, which every backend shares with the reference.
+Only loss_rows (and loss) are differentiable. This module registers the ops' fake kernels and
+autograd formulas, and composes them with the reduction, which every backend shares with the
+reference.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import torch
 
 from . import reference
 from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
-from .reference import HeadOutput, HeadRows, stat_dtype
+from .reference import IGNORE_INDEX, HeadOutput, stat_dtype
 from .validation import validate_head_inputs, validate_kernel_options
 
 GRAD_IN_FORWARD = frozenset({"cpu"})
@@ -33,18 +40,19 @@ GRAD_IN_FORWARD = frozenset({"cpu"})
 
 
 def _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                       chunk_size, grad_filter_eps):
+                       chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
     batch = embeddings.shape[0]
     row = embeddings.new_empty(batch, dtype=stat_dtype(embeddings.dtype))
-    return row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone()
+    return (row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone(),
+            row.clone(), row.clone())
 
 
 def _head_forward_with_grad_fake(embeddings, prototypes, labels, row_coef, scale, margin, margin_mode,
-                                 ignore_index, chunk_size, grad_filter_eps):
-    rows = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                              chunk_size, grad_filter_eps)
+                                 ignore_index, chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
+    *rows, cos_ui, ri = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+                                           chunk_size, grad_filter_eps)
     loss = rows[0].new_empty(())
-    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes))
+    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes), cos_ui, ri)
 
 
 def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
@@ -64,7 +72,7 @@ def register_head_ops(prefix: str) -> None:
     backward_op = getattr(torch.ops.ree, f"{prefix}head_backward")
 
     def setup_forward(ctx, inputs, output):
-        embeddings, prototypes, labels, scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs
+        embeddings, prototypes, labels, scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs[:9]
         ctx.save_for_backward(embeddings, prototypes, labels, output[4])
         ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
         ctx.mark_non_differentiable(*output[1:])  # the statistics
@@ -73,7 +81,7 @@ def register_head_ops(prefix: str) -> None:
         embeddings, prototypes, labels, lse = ctx.saved_tensors
         grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
                                      grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
-        return grad_e, grad_w, None, None, None, None, None, None, None
+        return grad_e, grad_w, None, None, None, None, None, None, None, None, None
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
@@ -83,7 +91,7 @@ def register_head_ops(prefix: str) -> None:
 
     def backward_with_grad(ctx, grad_loss, *_):
         if grad_loss is None:  # the loss got no gradient (grads are not materialised)
-            return (None,) * 10
+            return (None,) * 12
         grad_e, grad_w = ctx.saved_tensors
         scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
         if _graph_is_kept():
@@ -92,7 +100,7 @@ def register_head_ops(prefix: str) -> None:
         else:
             # Their last use: scaling in place keeps a single C × D gradient at the peak.
             grads = (grad_e.mul_(scale_e), grad_w.mul_(scale_w))
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
     torch.library.register_fake(f"ree::{prefix}head_forward")(_head_forward_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
@@ -122,7 +130,7 @@ def arcface_head(
     margin_mode: str = "arcface",
     ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int = 0,
@@ -136,7 +144,8 @@ def arcface_head(
         labels: [B] int64 class ids, or `ignore_index`.
         ui_center: [D] centre of the unrecognizable instances (UITracker.center), or None.
         scale, margin, margin_mode: the ArcFace logit s·φ(cos) (docs/spec.md §3).
-        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (docs/spec.md §1.4).
+        ri_form: "product" | "ratio" | "sum", the [R] recognizability index form (docs/spec.md §1.4),
+            or "crfiqa", CR-FIQA's certainty ratio (`reference.recognizability_index`).
         sample_weight: [B] row weights (no gradient), or None for 1.
         reduction: "mean" (weighted, over rows not ignored) | "sum" | "none" ([B], weighted).
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton".
@@ -166,14 +175,15 @@ def arcface_head(
 
     embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
     labels_c = labels.contiguous()
-    options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps))
+    options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps),
+               ui_center, ri_form)
     coef = reference.loss_coefficients(
         labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
     if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
-        loss, *rows = kernel_op(chosen, "head_forward_with_grad")(
+        loss, _, cos_pos, cos_neg, neg_index, lse, _, _, cos_ui, ri = kernel_op(chosen, "head_forward_with_grad")(
             embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
-        rows = HeadRows(*rows[:5])
     else:
-        rows = HeadRows(*kernel_op(chosen, "head_forward")(embeddings_c, prototypes_c, labels_c, *options))
-        loss = reference.reduce_rows(rows.loss, coef, reduction)
-    return reference.head_output(loss, rows, embeddings, ui_center, ri_form)
+        loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri = kernel_op(chosen, "head_forward")(
+            embeddings_c, prototypes_c, labels_c, *options)
+        loss = reference.reduce_rows(loss_rows, coef, reduction)
+    return HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse)
