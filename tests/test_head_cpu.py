@@ -206,3 +206,16 @@ def test_direct_calls_reject_bad_arguments():
         OPS.head_forward(emb, protos, labels, 64.0, 0.5, "arcface", -100, 0, 0.0, torch.zeros(3), "product")
     with pytest.raises(ValueError, match="ri_form"):
         OPS.head_forward_with_grad(emb, protos, labels, coef, 64.0, 0.5, "arcface", -100, 0, 0.0, None, "max")
+
+
+def test_huge_scale_gives_a_finite_loss():
+    """A user's case (B=8, C=40, D=16): at scale 1e9 the loss was −inf, since the row's sum was
+    shifted by a BLAS cosine one rounding above the exact one that replaced it. The ops take any
+    scale (arcface_head refuses those above reference.MAX_SCALE); the row's shift is now the
+    largest logit the sum takes."""
+    emb, protos, labels, coef = direct_inputs(8, 40, 16, seed=51, ignored=0)
+    for scale in (1e6, 1e9):
+        loss, loss_rows, *_ = OPS.head_forward_with_grad(emb, protos, labels, coef, scale, 0.5, "arcface", -100, 0, 0.0)
+        rows = OPS.head_forward(emb, protos, labels, scale, 0.5, "arcface", -100, 0, 0.0)
+        assert bool(loss_rows.isfinite().all()) and bool(rows[0].isfinite().all()) and bool(loss.isfinite())
+        assert bool((rows[4] >= scale * rows[2]).all()), "the lse is at least the nearest negative's logit"

@@ -94,7 +94,7 @@ struct Nearest {
     std::fill(index, index + kLanes, int32_t(-1));
   }
 
-  void scan(const T* x, const T* inv_w, int64_t begin, int64_t end) {
+  REE_LANES void scan(const T* x, const T* inv_w, int64_t begin, int64_t end) {
     int64_t j = begin;
     for (; j + kLanes <= end; j += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) {
@@ -133,30 +133,33 @@ struct Nearest {
 // below `near`, and how many reach it (the candidates, whose terms the caller adds from their
 // exact cosines). A NaN cosine is below nothing: its term turns the sum NaN.
 template <typename T>
-std::pair<T, T> exp_sum(const T* x, const T* inv_w, int64_t begin, int64_t end, T scale, T shift, T near) {
+REE_LANES std::pair<T, T> exp_sum(const T* x, const T* inv_w, int64_t begin, int64_t end, T scale, T shift,
+                                  T near) {
   T acc[kLanes] = {};
   T count[kLanes] = {};
   int64_t j = begin;
   for (; j + kLanes <= end; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
       const T c = clamp_cos(x[j + k] * inv_w[j + k]);
-      const bool candidate = c >= near;
-      acc[k] += candidate ? T(0) : fast_exp(scale * c - shift);
-      count[k] += candidate ? T(1) : T(0);
+      // A 0/1 factor rather than a conditional add, which GCC would not vectorise; the term is
+      // finite (at most e^88), so the product is exact.
+      const T candidate = c >= near ? T(1) : T(0);
+      acc[k] += (T(1) - candidate) * fast_exp(scale * c - shift);
+      count[k] += candidate;
     }
   }
   for (; j < end; ++j) {
     const T c = clamp_cos(x[j] * inv_w[j]);
-    const bool candidate = c >= near;
-    acc[j % kLanes] += candidate ? T(0) : fast_exp(scale * c - shift);
-    count[j % kLanes] += candidate ? T(1) : T(0);
+    const T candidate = c >= near ? T(1) : T(0);
+    acc[j % kLanes] += (T(1) - candidate) * fast_exp(scale * c - shift);
+    count[j % kLanes] += candidate;
   }
   return {sum_lanes(acc), sum_lanes(count)};
 }
 
 // How many columns of [begin, end) have clamp(x_j · inv_w_j) ≥ near: exp_sum's count alone.
 template <typename T>
-T count_at_least(const T* x, const T* inv_w, int64_t begin, int64_t end, T near) {
+REE_LANES T count_at_least(const T* x, const T* inv_w, int64_t begin, int64_t end, T near) {
   T count[kLanes] = {};
   int64_t j = begin;
   for (; j + kLanes <= end; j += kLanes) {
@@ -169,7 +172,7 @@ T count_at_least(const T* x, const T* inv_w, int64_t begin, int64_t end, T near)
 // x_j ← coef_scale · softmax_j · inv_w_j where the clamp passes the gradient, else 0:
 // ∂L/∂cos_j of a column without the target, times the inverse norm the products need.
 template <typename T>
-void write_softmax_grad(T* x, const T* inv_w, int64_t n, T scale, T lse, T coef_scale) {
+REE_LANES void write_softmax_grad(T* x, const T* inv_w, int64_t n, T scale, T lse, T coef_scale) {
   for (int64_t j = 0; j < n; ++j) {
     const T r = x[j] * inv_w[j];
     const T p = fast_exp(scale * clamp_cos(r) - lse);
@@ -451,7 +454,8 @@ void squared_norms(const scalar_t* x, int64_t rows, int64_t dim, double* out) {
 // ∂L/∂x of x̂ = x / max(‖x‖, ε), from t = ∂L/∂x̂ / max(‖x‖, ε): t − (x̂·t)·x̂, or t where the
 // norm is clamped (x̂ is then a plain scaling). `out` may alias `t`.
 template <typename scalar_t, typename T>
-void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scalar_t* out, int64_t dim) {
+REE_LANES void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scalar_t* out,
+                                  int64_t dim) {
   T along = 0;
   if (!norm_clamped(squared_norm)) {
     const double inv = inverse_norm(squared_norm);

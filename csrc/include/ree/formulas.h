@@ -98,7 +98,8 @@ REE_HD T index_diversion_grad(T ri_pred, T mu, T tau) {
   return mu + tau - ri_pred > T(0) ? T(-1) : T(0);
 }
 
-// 1 / max(‖x‖, ε) from ‖x‖², as F.normalize divides (ree_kernels/triton/formulas.py: the same name and meaning).
+// 1 / max(‖x‖, ε) from ‖x‖², as F.normalize divides (ree_kernels/triton/formulas.py: the same
+// name and meaning).
 template <typename T>
 REE_HD T inverse_norm(T squared_norm) {
   const T n = sqrt(squared_norm);
