@@ -13,6 +13,8 @@
 //                     lse (three products per chunk: S = V̂·W_cᵀ, dV̂ += G·W_c, dŴ_c = Gᵀ·V̂);
 //   with_grad_pass:   blocks of rows against all classes at once, so that the lse is known before
 //                     the gradient: three products and no recompute.
+// The UI cosine comes from the pass that normalises the embeddings (Prepared::ui_cosines), the
+// RI from the row's epilogue (RowOutputs::write), so that one op call returns the whole row.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
