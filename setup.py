@@ -6,7 +6,11 @@ build without isolation, against the installed torch: `pip install --no-build-is
 Environment flags:
   REE_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
   REE_CUDA_ARCHS="80;90" the CUDA architectures to compile for (default 80;90)
-  REE_CPU_NATIVE=0       do not tune the CPU code for this machine (-march=native is the default)
+  REE_CPU_NATIVE=1       compile the CPU kernels for this machine's CPU only (-march=native): the
+                         library may then stop with an illegal instruction on another CPU. The
+                         default is portable: the vectorised loops are compiled for AVX-512, AVX2
+                         and baseline x86-64, and the CPU's widest is picked at load time
+                         (csrc/cpu/lanes.h: REE_LANES), at the same speed (docs/design.md)
   MAX_JOBS=N             parallel compile jobs (read by torch's build extension)
 """
 import glob
@@ -33,9 +37,12 @@ def extension():
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers; without
     # it the extension's parallel loops run on one thread. The library then resolves libgomp.so.1
     # to the one torch has already loaded (same soname), so both share one thread pool.
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
-    if flag("REE_CPU_NATIVE", "1") == "1":
-        cxx.append("-march=native")
+    # -fno-trapping-math (no result changes: nothing here reads floating-point exception flags)
+    # lets GCC turn the lane loops' comparisons into vector selects inside the AVX2 and baseline
+    # versions of REE_LANES functions, which it otherwise leaves scalar.
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    if flag("REE_CPU_NATIVE", "0") == "1":
+        cxx += ["-march=native", "-DREE_CPU_NATIVE"]
     src = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:

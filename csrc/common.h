@@ -32,6 +32,15 @@ inline MarginParams make_margin(const std::string& mode, double margin) {
   return p;
 }
 
+// The RI form from the op's argument (reference.RI_FORMS).
+inline RiForm make_ri_form(const std::string& form) {
+  if (form == "product") return RiForm::Product;
+  if (form == "ratio") return RiForm::Ratio;
+  if (form == "sum") return RiForm::Sum;
+  TORCH_CHECK_VALUE(form == "crfiqa", "ri_form must be one of product, ratio, sum, crfiqa; got ", form);
+  return RiForm::CrFiqa;
+}
+
 // reference.stat_dtype: statistics and losses are float32, or float64 for float64 inputs.
 inline at::ScalarType stat_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;

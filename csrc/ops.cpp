@@ -6,13 +6,15 @@
 TORCH_LIBRARY(ree, m) {
   m.def(
       "head_forward(Tensor embeddings, Tensor prototypes, Tensor labels, float scale, float margin, "
-      "str margin_mode, int ignore_index, int chunk_size, float grad_filter_eps) "
-      "-> (Tensor loss_rows, Tensor cos_pos, Tensor cos_neg, Tensor neg_index, Tensor lse)");
+      "str margin_mode, int ignore_index, int chunk_size, float grad_filter_eps, Tensor? ui_center=None, "
+      "str ri_form=\"product\") "
+      "-> (Tensor loss_rows, Tensor cos_pos, Tensor cos_neg, Tensor neg_index, Tensor lse, Tensor cos_ui, Tensor ri)");
   m.def(
       "head_forward_with_grad(Tensor embeddings, Tensor prototypes, Tensor labels, Tensor row_coef, "
-      "float scale, float margin, str margin_mode, int ignore_index, int chunk_size, float grad_filter_eps) "
+      "float scale, float margin, str margin_mode, int ignore_index, int chunk_size, float grad_filter_eps, "
+      "Tensor? ui_center=None, str ri_form=\"product\") "
       "-> (Tensor loss, Tensor loss_rows, Tensor cos_pos, Tensor cos_neg, Tensor neg_index, Tensor lse, "
-      "Tensor grad_embeddings, Tensor grad_prototypes)");
+      "Tensor grad_embeddings, Tensor grad_prototypes, Tensor cos_ui, Tensor ri)");
   m.def(
       "head_backward(Tensor embeddings, Tensor prototypes, Tensor labels, Tensor lse, Tensor row_grad, "
       "float scale, float margin, str margin_mode, int chunk_size, float grad_filter_eps) "

@@ -4,20 +4,26 @@ Every kernel backend implements three ops with one contract (schemas in csrc/ops
 Triton ones mirror them with a `triton_` prefix):
 
 - `head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-  chunk_size, grad_filter_eps) -> (loss_rows, cos_pos, cos_neg, neg_index, lse)`: the
-  per-row pass of `reference.arcface_rows`, without a B × C tensor.
+  chunk_size, grad_filter_eps, ui_center=None, ri_form="product") -> (loss_rows, cos_pos,
+  cos_neg, neg_index, lse, cos_ui, ri)`: the per-row pass of `reference.arcface_rows`, without a
+  B × C tensor, completed with `reference.cosine_to_ui` (ui_center: [D], any float dtype, or
+  None: cos_ui NaN) and `reference.recognizability_index` of form `ri_form` (d^UI = 1 without
+  ui_center; NaN on rows without a target). Every output is [B], int64 for neg_index, else the
+  statistics dtype (`reference.stat_dtype`).
 - `head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
   chunk_size, grad_filter_eps) -> (grad_embeddings, grad_prototypes)`: the gradients of
-  Σ row_grad_i·loss_i, recomputing the cosines. A label outside [0, C) has no target term.
-- `head_forward_with_grad(embeddings, prototypes, labels, row_coef, <options>) -> (loss,
-  loss_rows, cos_pos, cos_neg, neg_index, lse, grad_embeddings, grad_prototypes)`: the
-  forward that also returns the gradients of loss = Σ row_coef_i·loss_i, for backends where
-  that beats recomputing (`GRAD_IN_FORWARD`); the backward then only scales them.
+  Σ row_grad_i·loss_i, recomputing the cosines as the forward computed them. A label outside
+  [0, C) has no target term.
+- `head_forward_with_grad(embeddings, prototypes, labels, row_coef, <options>, ui_center=None,
+  ri_form="product") -> (loss, loss_rows, cos_pos, cos_neg, neg_index, lse, grad_embeddings,
+  grad_prototypes, cos_ui, ri)`: the forward that also returns the gradients of
+  loss = Σ row_coef_i·loss_i, for backends where that beats recomputing (`GRAD_IN_FORWARD`); the
+  backward then only scales them.
 
 This module registers their fake kernels and autograd formulas, and composes them with the
-reduction, the UI cosine and the RI, which every backend shares with the reference. The ops
-are differentiable once: their backward is a fused kernel (or a saved gradient), so a backward
-with create_graph=True raises rather than return a gradient that cannot be differentiated again.
+reduction, which every backend shares with the reference. The ops are differentiable once: their
+backward is a fused kernel (or a saved gradient), so a backward with create_graph=True raises
+rather than return a gradient that cannot be differentiated again.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 
 from . import reference
 from .backends import DESCRIPTIONS, EXTENSION_ERROR, chunk_size_for, kernel_op, resolve_backend
-from .reference import HeadOutput, HeadRows, stat_dtype
+from .reference import IGNORE_INDEX, HeadOutput, stat_dtype
 from .validation import validate_head_inputs, validate_kernel_options
 
 GRAD_IN_FORWARD = frozenset(b.name for b in DESCRIPTIONS if b.grad_in_forward)
@@ -35,18 +41,19 @@ GRAD_IN_FORWARD = frozenset(b.name for b in DESCRIPTIONS if b.grad_in_forward)
 
 
 def _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                       chunk_size, grad_filter_eps):
+                       chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
     batch = embeddings.shape[0]
     row = embeddings.new_empty(batch, dtype=stat_dtype(embeddings.dtype))
-    return row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone()
+    return (row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone(),
+            row.clone(), row.clone())
 
 
 def _head_forward_with_grad_fake(embeddings, prototypes, labels, row_coef, scale, margin, margin_mode,
-                                 ignore_index, chunk_size, grad_filter_eps):
-    rows = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                              chunk_size, grad_filter_eps)
+                                 ignore_index, chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
+    *rows, cos_ui, ri = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
+                                           chunk_size, grad_filter_eps)
     loss = rows[0].new_empty(())
-    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes))
+    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes), cos_ui, ri)
 
 
 def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
@@ -156,7 +163,7 @@ def arcface_head(
     margin_mode: str = "arcface",
     ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     backend: str = "auto",
     chunk_size: int = 0,
@@ -173,7 +180,8 @@ def arcface_head(
         ui_center: [D] centre of the unrecognizable instances (UITracker.center), or None.
         scale: s in (0, reference.MAX_SCALE]; margin: m in radians, in [0, π/2);
             margin_mode: φ, one of reference.MARGIN_MODES (docs/spec.md §3).
-        ri_form: the [R] recognizability index form, one of reference.RI_FORMS (docs/spec.md §1.4).
+        ri_form: the [R] recognizability index form "product" | "ratio" | "sum" (docs/spec.md §1.4),
+            or "crfiqa", CR-FIQA's certainty ratio (`reference.recognizability_index`).
         sample_weight: [B] row weights (no gradient), or None for 1.
         ignore_index: the label of rows that add no loss (their statistics are NaN, see HeadOutput).
         reduction: "mean" (weighted, over rows not ignored) | "sum" | "none" ([B], weighted).
@@ -222,16 +230,18 @@ def arcface_head(
     else:
         embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
         labels_c = labels.contiguous()
-        options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps))
+        options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps),
+                   ui_center, ri_form)
         coef = reference.loss_coefficients(
             labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
         if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
-            loss, *rows = kernel_op(chosen, "head_forward_with_grad")(
+            loss, _, cos_pos, cos_neg, neg_index, lse, _, _, cos_ui, ri = kernel_op(chosen, "head_forward_with_grad")(
                 embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
         else:
-            rows = kernel_op(chosen, "head_forward")(embeddings_c, prototypes_c, labels_c, *options)
-            loss = reference.reduce_rows(rows[0], coef, reduction)
-        out = reference.head_output(loss, HeadRows(*rows[:len(HeadRows._fields)]), embeddings, ui_center, ri_form)
+            loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri = kernel_op(chosen, "head_forward")(
+                embeddings_c, prototypes_c, labels_c, *options)
+            loss = reference.reduce_rows(loss_rows, coef, reduction)
+        out = HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse)
     if differentiable_stats:
         out = reference.attach_statistic_gradients(out, embeddings, prototypes, labels, ui_center,
                                                    ignore_index=ignore_index, ri_form=ri_form)

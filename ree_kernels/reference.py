@@ -23,7 +23,14 @@ SIN_EPS = 1e-12
 the last bits of a cosine within 5e-13 of ±1, where the exact sin θ amplifies rounding without bound."""
 
 RATIO_EPS = 1e-6
-"""The `ratio` RI form divides by max(d^P, RATIO_EPS)."""
+"""The `ratio` RI form divides by max(d^P, RATIO_EPS); `crfiqa` adds it to its denominator."""
+
+IGNORE_INDEX = -100
+"""The default label of rows that add no loss (`ignore_index`; torch's cross-entropy default)."""
+
+MAX_SCALE = 1000.0
+"""The largest logit scale s the ops accept: the kernels keep forward and backward consistent up to it
+(docs/design.md, "Large logit scales")."""
 
 MAX_SCALE = 1000.0
 """The largest ArcFace scale s the ops take: s·(1 + cos) must stay far inside float32's exponent
@@ -120,6 +127,21 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 # ArcFace (docs/spec.md §3)
 # --------------------------------------------------------------------------------------------
 
+class MarginConstants(NamedTuple):
+    """The numbers φ needs besides cos θ, computed once per call (the Triton launchers pass them to
+    the kernels; csrc/common.h's make_margin is the C++ twin)."""
+
+    cos_m: float  # cos m
+    sin_m: float  # sin m
+    threshold: float  # cos(π − m): below it θ + m > π, and arcface falls back to linear
+    fallback: float  # m·sin m, the linear fallback's shift
+
+
+def margin_constants(margin: float) -> MarginConstants:
+    """cos m, sin m, cos(π − m) and m·sin m for the margin m (radians)."""
+    return MarginConstants(math.cos(margin), math.sin(margin), math.cos(math.pi - margin), margin * math.sin(margin))
+
+
 def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
     """φ(cos θ): the target-class cosine after the additive margin (docs/spec.md §3).
 
@@ -128,11 +150,12 @@ def margin_logit(cos: torch.Tensor, mode: str, margin: float) -> torch.Tensor:
     """
     if mode == "cosface":
         return cos - margin
+    k = margin_constants(margin)
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(SIN_EPS))
-    shifted = cos * math.cos(margin) - sin * math.sin(margin)  # cos(θ + m)
+    shifted = cos * k.cos_m - sin * k.sin_m  # cos(θ + m)
     if mode == "arcface":
         # Past θ + m > π, cos(θ + m) would rise again; insightface's linear fallback keeps φ monotone.
-        return torch.where(cos > math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin))
+        return torch.where(cos > k.threshold, shifted, cos - k.fallback)
     if mode == "arcface_easy":
         return torch.where(cos > 0, shifted, cos)
     if mode == "arcface_st":
@@ -160,7 +183,7 @@ def arcface_logits(
     scale: float = 64.0,
     margin: float = 0.5,
     margin_mode: str = "arcface",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> ArcFaceLogits:
     """The ArcFace logits of docs/spec.md §3, differentiable with respect to both inputs. A row whose
     label is `ignore_index` or outside [0, C) has no target column: plain s·cos everywhere."""
@@ -185,7 +208,7 @@ def arcface_rows(
     scale: float = 64.0,
     margin: float = 0.5,
     margin_mode: str = "arcface",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> HeadRows:
     """The per-row ArcFace pass, materialising the B × C cosines.
 
@@ -297,7 +320,9 @@ def head_output(
     ui_center: Optional[torch.Tensor],
     ri_form: str,
 ) -> HeadOutput:
-    """Completes a head pass (any backend) with the UI cosine and the RI (no gradients)."""
+    """Completes a pass that returns only `HeadRows` with the UI cosine and the RI (no gradients):
+    the reference's own, and the class-sharded head's, whose RI needs the statistics of every
+    shard. The kernel ops compute both themselves (ree_kernels/head.py)."""
     cos_ui = cosine_to_ui(embeddings.detach(), None if ui_center is None else ui_center.detach())
     ri = recognizability_index(rows.cos_pos, rows.cos_neg, None if ui_center is None else cos_ui, ri_form)
     return HeadOutput(loss, rows.cos_pos, rows.cos_neg, rows.neg_index, cos_ui, ri, rows.lse)
@@ -364,7 +389,7 @@ def arcface_head(
     margin_mode: str = "arcface",
     ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
 ) -> HeadOutput:
     """The ArcFace head with the REE statistics (docs/spec.md §2), eagerly. No input validation:

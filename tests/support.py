@@ -22,6 +22,11 @@ KERNEL_BACKENDS = [
 # Awkward sizes (no tile multiple). The interpreter runs Triton programs one by one in
 # Python, so it gets smaller ones.
 HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19)}
+# At a logit scale near reference.MAX_SCALE a float32 gradient's error is s·u times its size, for
+# the kernels and the float32 reference alike (the rounding of each cosine and of the lse): the
+# docs/spec.md §5 bound then compares two maxima of errors with the same spread, and takes enough
+# rows for those maxima to settle.
+LARGE_SCALE_SHAPES = {"default": (256, 1031, 67), ("triton", "cpu"): (64, 131, 19)}
 AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19)}
 
 DTYPES = {
@@ -64,7 +69,11 @@ def head_inputs(
     """Fresh seeded inputs (never zeros) in float64, with planted rows:
     `peaky`: row 0's own prototype equals it (cos = 1, a one-hot softmax);
     `opposite`: row 1's prototype is its negative (cos = −1: θ + m > π);
-    `zero_row`: row 2 is the zero vector (normalised with the epsilon).
+    `zero_row`: row 2 is the zero vector (normalised with the epsilon);
+    `near_one`: row 3's own prototype is 1e-6 from it in cosine (1 − cos ≈ 1e-6);
+    `near_minus_one`: row 4's own prototype is 1e-6 from its negative (1 + cos ≈ 1e-6);
+    `near_negative`: a prototype other than row 5's own is 1e-6 from it: the nearest negative at
+    cos ≈ 1, which dominates the row's log-sum-exp.
     `ignored` rows from the end get ignore_index; `weights` draws weights with zeros."""
     g = generator(seed)
     emb = torch.randn(batch, dim, generator=g, dtype=torch.float64)
@@ -78,6 +87,18 @@ def head_inputs(
         protos[labels[1]] = -emb[1]
     if "zero_row" in plant and batch > 2:
         emb[2] = 0.0
+
+    def nearby(v: torch.Tensor) -> torch.Tensor:
+        # 1 − cos(v, v + n) ≈ ‖n‖²/(2‖v‖²) = 1e-6 for a random direction n.
+        n = torch.randn(dim, generator=g, dtype=torch.float64)
+        return v + n * (v.norm() / n.norm() * 2e-6 ** 0.5)
+
+    if "near_one" in plant and batch > 3:
+        protos[labels[3]] = nearby(emb[3])
+    if "near_minus_one" in plant and batch > 4:
+        protos[labels[4]] = nearby(-emb[4])
+    if "near_negative" in plant and batch > 5 and classes > 1:
+        protos[(labels[5] + 1) % classes] = nearby(emb[5])
     if ignored:
         labels[batch - ignored:] = -100
     out = {

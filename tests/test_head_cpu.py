@@ -60,11 +60,15 @@ def test_with_grad_matches_forward_and_backward(dtype, batch):
     one row block and over several."""
     emb, protos, labels, coef = direct_inputs(batch, 61, 24, seed=41, dtype=dtype, ignored=3)
     options = (64.0, 0.5, "arcface")
-    loss, *rows, grad_e, grad_w = OPS.head_forward_with_grad(emb, protos, labels, coef, *options, -100, 0, 0.0)
-    rows_ref = OPS.head_forward(emb, protos, labels, *options, -100, 0, 0.0)
+    ui = torch.randn(emb.shape[1], dtype=dtype)
+    loss, *rows, grad_e, grad_w, cos_ui, ri = OPS.head_forward_with_grad(emb, protos, labels, coef, *options, -100,
+                                                                         0, 0.0, ui, "ratio")
+    rows_ref = OPS.head_forward(emb, protos, labels, *options, -100, 0, 0.0, ui, "ratio")
     grad_e_ref, grad_w_ref = OPS.head_backward(emb, protos, labels, rows_ref[4], coef, *options, 0, 0.0)
     tol = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-13)}[dtype]
     assert_close_rows(rows, rows_ref, *tol)
+    torch.testing.assert_close(cos_ui, rows_ref[5], rtol=0, atol=0)
+    torch.testing.assert_close(ri, rows_ref[6], rtol=tol[0], atol=tol[1], equal_nan=True)
     torch.testing.assert_close(loss, (coef * rows_ref[0]).sum(), rtol=tol[0], atol=tol[1])
     torch.testing.assert_close(grad_e, grad_e_ref, rtol=100 * tol[0], atol=100 * tol[1])
     torch.testing.assert_close(grad_w, grad_w_ref, rtol=100 * tol[0], atol=100 * tol[1])
@@ -161,7 +165,7 @@ def test_out_of_range_label_in_the_gradient_ops():
     labels = labels.clone()
     labels[0] = 13 + 4
     labels[1] = -7
-    loss, loss_rows, *_, grad_e, grad_w = OPS.head_forward_with_grad(
+    loss, loss_rows, *_, grad_e, grad_w, _, _ = OPS.head_forward_with_grad(
         emb, protos, labels, coef, 64.0, 0.5, "arcface", -100, 0, 0.0)
     assert math.isnan(float(loss)) and bool(loss_rows[:2].isnan().all()) and bool(loss_rows[2:].isfinite().all())
     assert bool(grad_e.isfinite().all()) and bool(grad_w.isfinite().all())
@@ -198,3 +202,20 @@ def test_direct_calls_reject_bad_arguments():
         OPS.head_forward(emb, protos, labels, 64.0, 0.5, "arcface", -100, -1, 0.0)
     with pytest.raises(ValueError, match="row_coef"):
         OPS.head_forward_with_grad(emb, protos, labels, coef[:2], 64.0, 0.5, "arcface", -100, 0, 0.0)
+    with pytest.raises(ValueError, match="ui_center"):
+        OPS.head_forward(emb, protos, labels, 64.0, 0.5, "arcface", -100, 0, 0.0, torch.zeros(3), "product")
+    with pytest.raises(ValueError, match="ri_form"):
+        OPS.head_forward_with_grad(emb, protos, labels, coef, 64.0, 0.5, "arcface", -100, 0, 0.0, None, "max")
+
+
+def test_huge_scale_gives_a_finite_loss():
+    """A user's case (B=8, C=40, D=16): at scale 1e9 the loss was −inf, since the row's sum was
+    shifted by a BLAS cosine one rounding above the exact one that replaced it. The ops take any
+    scale (arcface_head refuses those above reference.MAX_SCALE); the row's shift is now the
+    largest logit the sum takes."""
+    emb, protos, labels, coef = direct_inputs(8, 40, 16, seed=51, ignored=0)
+    for scale in (1e6, 1e9):
+        loss, loss_rows, *_ = OPS.head_forward_with_grad(emb, protos, labels, coef, scale, 0.5, "arcface", -100, 0, 0.0)
+        rows = OPS.head_forward(emb, protos, labels, scale, 0.5, "arcface", -100, 0, 0.0)
+        assert bool(loss_rows.isfinite().all()) and bool(rows[0].isfinite().all()) and bool(loss.isfinite())
+        assert bool((rows[4] >= scale * rows[2]).all()), "the lse is at least the nearest negative's logit"

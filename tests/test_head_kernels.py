@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ree_kernels import reference
-from support import (DTYPES, KERNEL_BACKENDS, compare_head, head_inputs, head_shape,
-                     planted_tie_inputs, run_head)
+from ree_kernels.backends import kernel_op
+from support import (DTYPES, FORWARD_TOL, GRAD_TOL, KERNEL_BACKENDS, LARGE_SCALE_SHAPES, assert_spec_close,
+                     compare_head, head_inputs, head_shape, planted_tie_inputs, run_head)
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
@@ -167,8 +168,6 @@ def test_chunk_edges(kernel, chunk_size):
 def test_out_of_range_label_under_no_validation_poisons_its_row(kernel):
     """Inside torch.compile the label check cannot run; the kernel must then give a NaN loss
     for that row, not read out of bounds. Called through the op directly to skip validation."""
-    from ree_kernels.backends import kernel_op
-
     backend, device = kernel
     batch, classes, dim = head_shape(kernel)
     inputs = head_inputs(batch, classes, dim, seed=32, device=device)
@@ -177,3 +176,67 @@ def test_out_of_range_label_under_no_validation_poisons_its_row(kernel):
     rows = kernel_op(backend, "head_forward")(
         inputs["embeddings"].float(), inputs["prototypes"].float(), labels, 64.0, 0.5, "arcface", -100, 0, 0.0)
     assert math.isnan(float(rows[0][0])) and bool(torch.isfinite(rows[0][1:]).all())
+
+
+def _ui_and_ri(inputs, dtype, ri_form):
+    """(cos_ui, ri) of the reference in `dtype`, from its own per-row pass."""
+    emb, protos = inputs["embeddings"].to(dtype), inputs["prototypes"].to(dtype)
+    ui = None if inputs["ui_center"] is None else inputs["ui_center"].to(dtype)
+    rows = reference.arcface_rows(emb, protos, inputs["labels"])
+    cos_ui = reference.cosine_to_ui(emb, ui)
+    return cos_ui, reference.recognizability_index(rows.cos_pos, rows.cos_neg, None if ui is None else cos_ui, ri_form)
+
+
+@pytest.mark.parametrize("ri_form", reference.RI_FORMS)
+@pytest.mark.parametrize("centre", ["given", "none", "zero"])
+def test_ui_cosine_and_ri_come_from_the_op(kernel, ri_form, centre):
+    """One op call returns the whole HeadOutput: the UI cosine (the normalisation pre-pass) and
+    the RI of every form (the epilogue), with a UI centre, without one (cos_ui NaN, d^UI = 1) and
+    with a zero one (û = 0, so cos_ui = 0), on ignored rows (NaN RI), the planted rows and a
+    zero-norm row; then the same through arcface_head, gradients included."""
+    backend, device = kernel
+    batch, classes, dim = head_shape(kernel)
+    inputs = head_inputs(batch, classes, dim, seed=33, device=device, ignored=2, ui_center=centre != "none",
+                         plant=("peaky", "opposite", "zero_row"))
+    if centre == "zero":
+        inputs["ui_center"] = torch.zeros_like(inputs["ui_center"])
+    ui = None if inputs["ui_center"] is None else inputs["ui_center"].float()
+    rows = kernel_op(backend, "head_forward")(inputs["embeddings"].float(), inputs["prototypes"].float(),
+                                              inputs["labels"], 64.0, 0.5, "arcface", reference.IGNORE_INDEX, 0,
+                                              0.0, ui, ri_form)
+    assert len(rows) == 7
+    pt = _ui_and_ri(inputs, torch.float32, ri_form)
+    gt = _ui_and_ri(inputs, torch.float64, ri_form)
+    for name, ours, p, g in zip(("cos_ui", "ri"), rows[5:], pt, gt):
+        assert ours.dtype == torch.float32, name
+        assert_spec_close(ours, p, g, FORWARD_TOL[torch.float32], name)
+    assert bool(rows[6][-2:].isnan().all()), "ignored rows have no RI"
+    if centre == "none":
+        assert bool(rows[5].isnan().all())
+    if centre == "zero":
+        assert bool((rows[5] == 0).all())
+    compare_head(inputs, backend=backend, dtype=torch.float32, device=device, ri_form=ri_form)
+
+
+@pytest.mark.parametrize("scale", [64.0, reference.MAX_SCALE])
+@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+def test_forward_and_backward_agree_at_large_scales(kernel, scale, reduction):
+    """At a logit scale s, a cosine one rounding u away moves the softmax by s·u relative: the
+    backward must recompute exactly the forward's cosines and logits, or its softmax no longer
+    sums to one against the forward's lse. Rows at and near cos = ±1 and a nearest negative at
+    cos ≈ 1 (which dominates its row's lse), every reduction (mean and sum: the CPU's single
+    pass; none: forward + recomputing backward), up to reference.MAX_SCALE: the gradients hold
+    to the float64 reference by the docs/spec.md §5 rule, and the loss is finite."""
+    backend, device = kernel
+    batch, classes, dim = LARGE_SCALE_SHAPES.get(tuple(kernel), LARGE_SCALE_SHAPES["default"])
+    inputs = head_inputs(batch, classes, dim, seed=34, device=device, ignored=2,
+                         plant=("peaky", "opposite", "near_one", "near_minus_one", "near_negative"))
+    ours, ours_g = run_head(inputs, backend=backend, dtype=torch.float32, device=device, scale=scale,
+                            reduction=reduction)
+    pt, pt_g = run_head(inputs, backend="reference", dtype=torch.float32, device=device, scale=scale,
+                        reduction=reduction)
+    gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, device=device, scale=scale,
+                        reduction=reduction)
+    assert bool(torch.isfinite(ours.loss).all()) and bool(torch.isfinite(ours.lse).all())
+    for name, o, p, g in zip(("grad embeddings", "grad prototypes"), ours_g, pt_g, gt_g):
+        assert_spec_close(o, p, g, GRAD_TOL[torch.float32], f"{name}, scale {scale}")

@@ -28,6 +28,8 @@ def naive_ri(cp: float, cn: float, cu, form: str) -> float:
         return du * (dn - dp)
     if form == "ratio":
         return du * dn / max(dp, 1e-6)
+    if form == "crfiqa":  # CR-FIQA's certainty ratio: no UI term
+        return cp / (cn + 1 + 1e-6)
     return du + dn - dp
 
 

@@ -12,7 +12,8 @@ from support import compare_aux, compare_head, aux_inputs, head_inputs
 
 triton = pytest.importorskip("triton")
 tl = triton.language
-from ree_kernels.triton import head as triton_head  # noqa: E402  (after the importorskip)
+from ree_kernels.triton import formulas, tiling  # noqa: E402  (after the importorskip)
+from ree_kernels.triton import head as triton_head  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -24,7 +25,7 @@ def _margin_probe(cos_ptr, phi_ptr, dphi_ptr, n, margin, cos_m, sin_m, threshold
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     cos = tl.load(cos_ptr + offs, mask=ok, other=0.0)
-    phi, dphi = triton_head._margin(cos, 1.0 - cos * cos, margin, cos_m, sin_m, threshold, fallback, MODE)
+    phi, dphi = formulas.margin_logit(cos, 1.0 - cos * cos, margin, cos_m, sin_m, threshold, fallback, MODE)
     tl.store(phi_ptr + offs, phi, mask=ok)
     tl.store(dphi_ptr + offs, dphi, mask=ok)
 
@@ -39,7 +40,7 @@ def test_margin_formula_matches_reference_autograd(margin_mode):
                         0.87, 0.999999, 1.0], dtype=torch.float32, device=DEVICE)
     phi = torch.empty_like(cos)
     dphi = torch.empty_like(cos)
-    args = triton_head._margin_args(margin, margin_mode)
+    args = triton_head.margin_args(margin, margin_mode)
     _margin_probe[(1,)](cos, phi, dphi, cos.numel(), BLOCK=16, **args)
     leaf = cos.clone().requires_grad_(True)
     expected = reference.margin_logit(leaf, margin_mode, margin)
@@ -51,7 +52,7 @@ def test_margin_formula_matches_reference_autograd(margin_mode):
 @pytest.mark.parametrize("classes", [1, 31, 32, 33, 131, 1000])
 def test_class_splits_cover_the_classes_without_empty_splits(classes):
     for wanted in (None, 1, 2, 3, 7, 10_000):
-        splits, size = triton_head._class_splits(classes, 1, 32, torch.device("cpu"), wanted)
+        splits, size = tiling.class_splits(classes, 1, 32, torch.device("cpu"), wanted)
         assert size % 32 == 0 and splits >= 1
         assert (splits - 1) * size < classes <= splits * size
 
@@ -59,7 +60,7 @@ def test_class_splits_cover_the_classes_without_empty_splits(classes):
 def test_shared_suite_shapes_split_the_classes():
     """The interpreter's heuristic splits C for the shared suites' shape (B=13, C=131), so they
     run the multi-split forward and backward, not only the single-split one."""
-    splits, _ = triton_head._class_splits(131, 1, 32, torch.device("cpu"), None)
+    splits, _ = tiling.class_splits(131, 1, 32, torch.device("cpu"), None)
     assert splits > 1
 
 
@@ -194,20 +195,20 @@ def test_autotuned_launch_path(monkeypatch):
         kernel_call()
         return [1.0 for _ in quantiles]
 
-    monkeypatch.setattr(triton_head.triton, "autotune",
+    monkeypatch.setattr(tiling.triton, "autotune",
                         lambda **kw: real_autotune(do_bench=run_once, **kw))
-    monkeypatch.setattr(triton_head, "_forward_configs", lambda dim, tile: [
+    monkeypatch.setattr(tiling, "forward_configs", lambda dim, tile: [
         dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=16, num_warps=4, num_stages=2),
         dict(BLOCK_B=32, BLOCK_C=16, BLOCK_K=32, num_warps=4, num_stages=2)])
-    real_backward_configs = triton_head._backward_configs
+    real_backward_configs = tiling.backward_configs
 
     def backward_configs(dim, tile, filtered):
         base = real_backward_configs(dim, tile, filtered)[0]
         other = dict(base, BLOCK_K=32, BLOCK_DO=32) if filtered else dict(base, BLOCK_B=32, BLOCK_C=16, BLOCK_DO=32)
         return [dict(base, num_warps=4, num_stages=2), dict(other, num_warps=4, num_stages=2)]
 
-    monkeypatch.setattr(triton_head, "_backward_configs", backward_configs)
-    triton_head._autotuned.cache_clear()
+    monkeypatch.setattr(tiling, "backward_configs", backward_configs)
+    tiling.autotuned.cache_clear()
     try:
         inputs = head_inputs(13, 131, 19, seed=63, ignored=2, weights=True)
         compare_head(inputs, backend="triton", dtype=torch.float32, device=DEVICE)
@@ -218,7 +219,7 @@ def test_autotuned_launch_path(monkeypatch):
         torch.testing.assert_close(grad_e, exact_e, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grad_w, exact_w, rtol=1e-5, atol=1e-7)
     finally:
-        triton_head._autotuned.cache_clear()
+        tiling.autotuned.cache_clear()
 
 
 def test_single_row_and_single_class():
@@ -243,6 +244,10 @@ def test_op_rejects_what_validation_would_catch():
         op(e, w, y, 64.0, 0.5, "sphereface", -100, 0, 0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         op(e, w, y, 64.0, 0.5, "arcface", -100, 48, 0.0)
+    with pytest.raises(ValueError, match="ui_center"):
+        op(e, w, y, 64.0, 0.5, "arcface", -100, 0, 0.0, torch.zeros(3, device=DEVICE), "product")
+    with pytest.raises(ValueError, match="ri_form"):
+        op(e, w, y, 64.0, 0.5, "arcface", -100, 0, 0.0, None, "max")
 
 
 @pytest.mark.gpu

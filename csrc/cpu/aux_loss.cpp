@@ -18,7 +18,7 @@ void aux_rows(const T* pred, const T* target, T mu, T tau, T beta, const bool* k
               int64_t kept, const T* attn, const T* emb, const T* ui, int64_t dim, T* l1_row, T* id_row,
               T* mse_row, T* grad_l1, T* grad_id, T* grad_attn) {
   // The UI direction is the same for every row: normalise it once.
-  const T ui_inv = attn != nullptr ? inv_norm(dot<T>(ui, ui, dim)) : T(0);
+  const T ui_inv = attn != nullptr ? inverse_norm(dot<T>(ui, ui, dim)) : T(0);
   const T per_row = T(1) / static_cast<T>(batch);
   const T per_kept = kept > 0 ? T(1) / static_cast<T>(kept) : T(0);
   at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
@@ -40,10 +40,10 @@ void aux_rows(const T* pred, const T* target, T mu, T tau, T beta, const bool* k
         continue;
       }
       // g holds p = v̂ − (v̂·û)û, then the error attn − p/‖p‖, then its gradient.
-      const T v_inv = inv_norm(dot<T>(v, v, dim));
+      const T v_inv = inverse_norm(dot<T>(v, v, dim));
       const T along = dot<T>(v, ui, dim) * v_inv * ui_inv;  // v̂·û
-      for (int64_t d = 0; d < dim; ++d) g[d] = v[d] * v_inv - along * ui[d] * ui_inv;
-      const T p_inv = inv_norm(dot<T>(g, g, dim));
+      for (int64_t d = 0; d < dim; ++d) g[d] = pam_residual(v[d], ui[d], v_inv, ui_inv, along);
+      const T p_inv = inverse_norm(dot<T>(g, g, dim));
       for (int64_t d = 0; d < dim; ++d) g[d] = a[d] - g[d] * p_inv;
       const T sq_err = dot<T>(g, g, dim);
       const T grad_scale = T(2) * per_kept / static_cast<T>(dim);

@@ -13,6 +13,8 @@
 //                     lse (three products per chunk: S = V̂·W_cᵀ, dV̂ += G·W_c, dŴ_c = Gᵀ·V̂);
 //   with_grad_pass:   blocks of rows against all classes at once, so that the lse is known before
 //                     the gradient: three products and no recompute.
+// The UI cosine comes from the pass that normalises the embeddings (Prepared::ui_cosines), the
+// RI from the row's epilogue (RowOutputs::write), so that one op call returns the whole row.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -94,7 +96,7 @@ struct Nearest {
     std::fill(index, index + kLanes, int32_t(-1));
   }
 
-  void scan(const T* x, const T* inv_w, int64_t begin, int64_t end) {
+  REE_LANES void scan(const T* x, const T* inv_w, int64_t begin, int64_t end) {
     int64_t j = begin;
     for (; j + kLanes <= end; j += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) {
@@ -129,32 +131,50 @@ struct Nearest {
   }
 };
 
-// Σ_j exp(scale · c_j − shift) over [begin, end), with c_j = clamp(x_j · inv_w_j), and how
-// many c_j ≥ near (the candidates for a tie with the nearest negative).
+// Σ_j exp(scale · c_j − shift) over the columns of [begin, end) with c_j = clamp(x_j · inv_w_j)
+// below `near`, and how many reach it (the candidates, whose terms the caller adds from their
+// exact cosines). A NaN cosine is below nothing: its term turns the sum NaN.
 template <typename T>
-std::pair<T, T> exp_sum(const T* x, const T* inv_w, int64_t begin, int64_t end, T scale, T shift, T near) {
+REE_LANES std::pair<T, T> exp_sum(const T* x, const T* inv_w, int64_t begin, int64_t end, T scale, T shift,
+                                  T near) {
   T acc[kLanes] = {};
   T count[kLanes] = {};
   int64_t j = begin;
   for (; j + kLanes <= end; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
       const T c = clamp_cos(x[j + k] * inv_w[j + k]);
-      acc[k] += fast_exp(scale * c - shift);
-      count[k] += c >= near ? T(1) : T(0);
+      // A 0/1 factor rather than a conditional add, which GCC would not vectorise; the term is
+      // finite (at most e^88), so the product is exact.
+      const T candidate = c >= near ? T(1) : T(0);
+      acc[k] += (T(1) - candidate) * fast_exp(scale * c - shift);
+      count[k] += candidate;
     }
   }
   for (; j < end; ++j) {
     const T c = clamp_cos(x[j] * inv_w[j]);
-    acc[j % kLanes] += fast_exp(scale * c - shift);
-    count[j % kLanes] += c >= near ? T(1) : T(0);
+    const T candidate = c >= near ? T(1) : T(0);
+    acc[j % kLanes] += (T(1) - candidate) * fast_exp(scale * c - shift);
+    count[j % kLanes] += candidate;
   }
   return {sum_lanes(acc), sum_lanes(count)};
+}
+
+// How many columns of [begin, end) have clamp(x_j · inv_w_j) ≥ near: exp_sum's count alone.
+template <typename T>
+REE_LANES T count_at_least(const T* x, const T* inv_w, int64_t begin, int64_t end, T near) {
+  T count[kLanes] = {};
+  int64_t j = begin;
+  for (; j + kLanes <= end; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) count[k] += clamp_cos(x[j + k] * inv_w[j + k]) >= near ? T(1) : T(0);
+  }
+  for (; j < end; ++j) count[j % kLanes] += clamp_cos(x[j] * inv_w[j]) >= near ? T(1) : T(0);
+  return sum_lanes(count);
 }
 
 // x_j ← coef_scale · softmax_j · inv_w_j where the clamp passes the gradient, else 0:
 // ∂L/∂cos_j of a column without the target, times the inverse norm the products need.
 template <typename T>
-void write_softmax_grad(T* x, const T* inv_w, int64_t n, T scale, T lse, T coef_scale) {
+REE_LANES void write_softmax_grad(T* x, const T* inv_w, int64_t n, T scale, T lse, T coef_scale) {
   for (int64_t j = 0; j < n; ++j) {
     const T r = x[j] * inv_w[j];
     const T p = fast_exp(scale * clamp_cos(r) - lse);
@@ -184,7 +204,7 @@ struct Problem {
   int64_t ignore_index;
   int64_t classes;
 
-  bool has_target(int64_t label) const { return label != ignore_index && label >= 0 && label < classes; }
+  bool has_target(int64_t label) const { return ree::has_target(label, classes, ignore_index); }
 
   // The label's column within the chunk [c0, c0 + n), or −1.
   int64_t label_in(int64_t label, int64_t c0, int64_t n) const {
@@ -243,45 +263,89 @@ struct ExactCosine {
   T slack() const { return T(2 * (dim + 4)) * std::numeric_limits<T>::epsilon(); }
 
   // The cosine before the clamp.
-  T raw(int64_t j) const { return static_cast<T>(dot<double>(v, w + j * dim, dim) * inv_v * inv_norm(sq_w[j])); }
+  T raw(int64_t j) const { return static_cast<T>(dot<double>(v, w + j * dim, dim) * inv_v * inverse_norm(sq_w[j])); }
 };
 
-// Merges the chunk [c0, c0 + n) into the row's state; x holds the row's raw dot products
-// v̂·w_j, inv_w the chunk's inverse prototype norms, label_col the label's column or −1.
+// The columns of one row's chunk that take their cosine from ExactCosine, not from BLAS: besides
+// the label, the candidates for the nearest negative, i.e. the columns whose BLAS cosine lies
+// within the rounding bound `slack` of the chunk's best. With the label's, their terms dominate
+// the row's lse. The forward and every gradient pass pick this set by the same rule from the
+// same BLAS values (the same chunking gives the same products), so they see the same cosines:
+// with a logit scale s, a cosine one rounding apart would move the softmax by s·u relative
+// (docs/design.md, "Large logit scales").
+template <typename T>
+struct Candidates {
+  T best = -kInf<T>;     // the chunk's largest BLAS cosine besides the label
+  int64_t best_at = -1;  // its column; −1 when the chunk has no other column (or only NaN ones)
+  T near = kInf<T>;      // best − slack: the candidates are the columns (not the label) at or above it
+  int64_t count = 0;
+
+  // Calls f(j) for every candidate column j, in column order; x must still hold the products.
+  template <typename F>
+  void for_each(const T* x, const T* inv_w, int64_t n, int64_t label_col, F f) const {
+    if (count == 1) {
+      f(best_at);
+      return;
+    }
+    for (int64_t j = 0; count > 1 && j < n; ++j) {
+      if (j != label_col && clamp_cos(x[j] * inv_w[j]) >= near) f(j);
+    }
+  }
+};
+
+// The best column of a chunk and the candidates' threshold (their count is left to the caller).
+template <typename T>
+Candidates<T> scan_best(const T* x, const T* inv_w, int64_t n, int64_t label_col, T slack) {
+  Nearest<T> lanes;
+  around(n, label_col, [&](int64_t b, int64_t e) { lanes.scan(x, inv_w, b, e); });
+  Candidates<T> cand;
+  std::tie(cand.best, cand.best_at) = lanes.best();
+  if (cand.best_at >= 0) cand.near = cand.best - slack;
+  return cand;
+}
+
+// The candidates of a chunk, as row_forward_chunk picks them.
+template <typename T>
+Candidates<T> find_candidates(const T* x, const T* inv_w, int64_t n, int64_t label_col, T slack) {
+  Candidates<T> cand = scan_best(x, inv_w, n, label_col, slack);
+  if (cand.best_at < 0) return cand;
+  T count = 0;
+  around(n, label_col, [&](int64_t b, int64_t e) { count += count_at_least(x, inv_w, b, e, cand.near); });
+  cand.count = static_cast<int64_t>(count);
+  return cand;
+}
+
+// Merges the chunk [c0, c0 + n) into the row's state and returns its candidates; x holds the
+// row's raw dot products v̂·w_j, inv_w the chunk's inverse prototype norms, label_col the
+// label's column or −1. The shift of the sum is the largest logit the sum takes (the label's,
+// the best candidate's exact one, or an earlier chunk's), so the row's sum is at least 1 and its
+// lse finite at any scale.
 template <typename scalar_t, typename T>
-void row_forward_chunk(RowState<T>& st, const T* x, const T* inv_w, int64_t n, int64_t c0, int64_t label_col,
-                       const ExactCosine<scalar_t, T>& exact, const Problem<T>& p) {
-  T chunk_max = -kInf<T>;
+Candidates<T> row_forward_chunk(RowState<T>& st, const T* x, const T* inv_w, int64_t n, int64_t c0,
+                                int64_t label_col, const ExactCosine<scalar_t, T>& exact, const Problem<T>& p) {
+  T shift = st.max_logit;
   if (label_col >= 0) {
     st.cos_label = clamp_cos(exact.raw(label_col));
     st.phi = margin_logit(st.cos_label, p.margin).phi;
-    chunk_max = p.scale * st.phi;
+    if (p.scale * st.phi > shift) shift = p.scale * st.phi;
   }
-  Nearest<T> lanes;
-  around(n, label_col, [&](int64_t b, int64_t e) { lanes.scan(x, inv_w, b, e); });
-  auto [best, best_at] = lanes.best();
-  if (best_at >= 0 && p.scale * best > chunk_max) chunk_max = p.scale * best;
-  const T shift = st.max_logit > chunk_max ? st.max_logit : chunk_max;
+  Candidates<T> cand = scan_best(x, inv_w, n, label_col, exact.slack());
+  T best = cand.best;  // exact from here on, except where NaN decides
+  if (cand.best_at >= 0) {
+    best = clamp_cos(exact.raw(cand.best_at));
+    if (p.scale * best > shift) shift = p.scale * best;
+  }
 
-  const T near = best - exact.slack();
-  T sum = 0, candidates = 0;
+  T sum = 0, count = 0;
   around(n, label_col, [&](int64_t b, int64_t e) {
-    const auto [part, count] = exp_sum(x, inv_w, b, e, p.scale, shift, near);
+    const auto [part, reached] = exp_sum(x, inv_w, b, e, p.scale, shift, cand.near);
     sum += part;
-    candidates += count;
+    count += reached;
   });
+  cand.count = static_cast<int64_t>(count);
   if (label_col >= 0) sum += fast_exp(p.scale * st.phi - shift);
-  st.sum = st.sum * fast_exp(st.max_logit - shift) + sum;
-  st.max_logit = shift;
 
-  // The sum took the cosines from BLAS. The candidates for the nearest negative get their exact
-  // cosine, and so does their term of the sum: with the label's, these are the columns that
-  // dominate the lse.
-  auto exact_term = [&](int64_t j) {
-    const T c = clamp_cos(exact.raw(j));
-    st.sum += fast_exp(p.scale * c - shift) - fast_exp(p.scale * clamp_cos(x[j] * inv_w[j]) - shift);
-    return c;
-  };
+  int64_t best_at = cand.best_at;
   if (sum != sum) {
     // A NaN cosine: like torch.max, the nearest negative is the first NaN.
     for (int64_t j = 0; j < n; ++j) {
@@ -292,38 +356,58 @@ void row_forward_chunk(RowState<T>& st, const T* x, const T* inv_w, int64_t n, i
         break;
       }
     }
-  } else if (candidates > 1) {
+  } else if (cand.count == 1) {
+    sum += fast_exp(p.scale * best - shift);
+  } else if (cand.count > 1) {
+    // Several candidates (ties within the rounding bound): every one's exact cosine, the largest
+    // (lowest column on ties) the nearest. One may pass the shift by up to scale · slack.
+    std::vector<std::pair<int64_t, T>> exact_cos;
+    cand.for_each(x, inv_w, n, label_col, [&](int64_t j) { exact_cos.emplace_back(j, clamp_cos(exact.raw(j))); });
     best_at = -1;
-    for (int64_t j = 0; j < n; ++j) {
-      if (j == label_col || !(clamp_cos(x[j] * inv_w[j]) >= near)) continue;
-      const T c = exact_term(j);
+    for (const auto& [j, c] : exact_cos) {
       if (best_at < 0 || c > best) {
         best = c;
         best_at = j;
       }
     }
-  } else if (best_at >= 0) {
-    best = exact_term(best_at);
+    if (p.scale * best > shift) {
+      sum *= fast_exp(shift - p.scale * best);
+      shift = p.scale * best;
+    }
+    for (const auto& [j, c] : exact_cos) sum += fast_exp(p.scale * c - shift);
   }
+  st.sum = st.sum * fast_exp(st.max_logit - shift) + sum;
+  st.max_logit = shift;
   st.offer_nearest(best, best_at < 0 ? -1 : c0 + best_at);
+  return cand;
 }
 
 // Overwrites the chunk's raw dot products x with coef · ∂loss/∂cos_j · inv_w_j given the row's
-// lse (softmax − one-hot, the margin's derivative at the label, the clamp's mask).
+// lse (softmax − one-hot, the margin's derivative at the label, the clamp's mask), with the
+// cosines row_forward_chunk took: exact at the label and at the chunk's candidates `cand`.
 template <typename scalar_t, typename T>
-void row_grad_chunk(T* x, const T* inv_w, int64_t n, int64_t label_col, T lse, T coef,
+void row_grad_chunk(T* x, const T* inv_w, int64_t n, int64_t label_col, T lse, T coef, const Candidates<T>& cand,
                     const ExactCosine<scalar_t, T>& exact, const Problem<T>& p) {
   const T coef_scale = coef * p.scale;
-  const T r_label = label_col >= 0 ? exact.raw(label_col) : T(0);
+  // The candidates are found from the products, which the gradient overwrites: ties first.
+  std::vector<int64_t> tied;
+  if (cand.count > 1) cand.for_each(x, inv_w, n, label_col, [&](int64_t j) { tied.push_back(j); });
   write_softmax_grad(x, inv_w, n, p.scale, lse, coef_scale);
+  auto exact_grad = [&](int64_t j) {
+    const T r = exact.raw(j);
+    x[j] = clamp_passes(r) ? coef_scale * fast_exp(p.scale * clamp_cos(r) - lse) * inv_w[j] : T(0);
+  };
+  if (cand.count == 1) exact_grad(cand.best_at);
+  for (const int64_t j : tied) exact_grad(j);
   if (label_col >= 0) {
+    const T r_label = exact.raw(label_col);
     const auto m = margin_logit(clamp_cos(r_label), p.margin);
     const T grad = coef_scale * (fast_exp(p.scale * m.phi - lse) - T(1)) * m.dphi;
     x[label_col] = clamp_passes(r_label) ? grad * inv_w[label_col] : T(0);
   }
 }
 
-// The per-row outputs of head_forward.
+// The per-row outputs of head_forward; cos_ui (reference.cosine_to_ui) is written beforehand.
 template <typename T>
 struct RowOutputs {
   T* loss;
@@ -331,6 +415,10 @@ struct RowOutputs {
   T* cos_neg;
   int64_t* neg_index;
   T* lse;
+  const T* cos_ui;
+  T* ri;
+  bool has_ui;
+  RiForm ri_form;
 
   void write(int64_t i, const RowState<T>& st, int64_t label, const Problem<T>& p) const {
     const T row_lse = st.max_logit + std::log(st.sum);
@@ -346,6 +434,7 @@ struct RowOutputs {
     const bool none = st.nearest_index < 0;  // C = 1 and the only class is the label
     cos_neg[i] = none ? T(-1) : st.nearest;
     neg_index[i] = st.nearest_index;
+    ri[i] = recognizability_index(cos_pos[i], cos_neg[i], cos_ui[i], has_ui, ri_form);
   }
 };
 
@@ -367,10 +456,11 @@ void squared_norms(const scalar_t* x, int64_t rows, int64_t dim, double* out) {
 // ∂L/∂x of x̂ = x / max(‖x‖, ε), from t = ∂L/∂x̂ / max(‖x‖, ε): t − (x̂·t)·x̂, or t where the
 // norm is clamped (x̂ is then a plain scaling). `out` may alias `t`.
 template <typename scalar_t, typename T>
-void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scalar_t* out, int64_t dim) {
+REE_LANES void normalize_backward(const scalar_t* x, double squared_norm, const T* t, scalar_t* out,
+                                  int64_t dim) {
   T along = 0;
   if (!norm_clamped(squared_norm)) {
-    const double inv = inv_norm(squared_norm);
+    const double inv = inverse_norm(squared_norm);
     along = static_cast<T>(dot<T>(x, t, dim) * inv * inv);
   }
   for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(t[d] - along * static_cast<T>(x[d]));
@@ -422,19 +512,37 @@ struct Prepared {
     inv_w = at::empty({classes}, acc);
     const double* sq = sq_w.data_ptr<double>();
     T* inv = inv_w.data_ptr<T>();
-    for (int64_t j = 0; j < classes; ++j) inv[j] = static_cast<T>(inv_norm(sq[j]));
+    for (int64_t j = 0; j < classes; ++j) inv[j] = static_cast<T>(inverse_norm(sq[j]));
     v_hat = at::empty({batch, dim}, acc);
     const scalar_t* v = emb.data_ptr<scalar_t>();
     T* out = v_hat.data_ptr<T>();
     const double* sqv = sq_v.data_ptr<double>();
     for (int64_t i = 0; i < batch; ++i) {
-      const double a = inv_norm(sqv[i]);
+      const double a = inverse_norm(sqv[i]);
       for (int64_t d = 0; d < dim; ++d) out[i * dim + d] = static_cast<T>(static_cast<double>(v[i * dim + d]) * a);
     }
   }
 
+  // cos_ui_i = clamp(v̂_i · û, −1, 1) with û = ū / max(‖ū‖, ε) (reference.cosine_to_ui), from the
+  // raw rows with double accumulation; `center` is ū in T, or undefined for NaN (no centre).
+  void ui_cosines(const Tensor& center, T* out) const {
+    if (!center.defined()) {
+      std::fill(out, out + batch, kNaN<T>);
+      return;
+    }
+    const T* u = center.data_ptr<T>();
+    const double inv_u = inverse_norm(dot<double>(u, u, dim));
+    const scalar_t* v = emb.data_ptr<scalar_t>();
+    const double* sqv = sq_v.data_ptr<double>();
+    at::parallel_for(0, batch, rows_grain(dim), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = clamp_cos(static_cast<T>(dot<double>(v + i * dim, u, dim) * inverse_norm(sqv[i]) * inv_u));
+      }
+    });
+  }
+
   ExactCosine<scalar_t, T> exact(int64_t row, int64_t c0) const {
-    return {emb.data_ptr<scalar_t>() + row * dim, inv_norm(sq_v.data_ptr<double>()[row]),
+    return {emb.data_ptr<scalar_t>() + row * dim, inverse_norm(sq_v.data_ptr<double>()[row]),
             protos.data_ptr<scalar_t>() + c0 * dim, sq_w.data_ptr<double>() + c0, dim};
   }
 
@@ -456,7 +564,7 @@ struct Prepared {
     at::parallel_for(0, batch, rows_grain(dim), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* row = up + i * dim;
-        const T a = static_cast<T>(inv_norm(sqv[i]));
+        const T a = static_cast<T>(inverse_norm(sqv[i]));
         for (int64_t d = 0; d < dim; ++d) row[d] *= a;
         normalize_backward(v + i * dim, sqv[i], row, g + i * dim, dim);
       }
@@ -542,7 +650,11 @@ std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const 
       at::mm_out(s, in.v_hat, wc.t());
       T* sp = s.data_ptr<T>();
       for (int64_t i = 0; i < in.batch; ++i) {
-        row_grad_chunk(sp + i * n, inv_w + c0, n, p.label_in(labels[i], c0, n), lse[i], coef[i], in.exact(i, c0), p);
+        T* row = sp + i * n;
+        const int64_t label_col = p.label_in(labels[i], c0, n);
+        const ExactCosine<scalar_t, T> exact = in.exact(i, c0);
+        const Candidates<T> cand = find_candidates(row, inv_w + c0, n, label_col, exact.slack());
+        row_grad_chunk(row, inv_w + c0, n, label_col, lse[i], coef[i], cand, exact, p);
       }
       u.addmm_(s, wc);
       Tensor t = same ? grad_w.narrow(0, c0, n) : t_buffer.narrow(0, 0, n * in.dim).view({n, in.dim});
@@ -585,9 +697,10 @@ std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const
         const int64_t i = r0 + k;
         const int64_t label_col = p.label_in(labels[i], 0, classes);
         RowState<T> st;
-        row_forward_chunk(st, sp + k * classes, inv_w, classes, 0, label_col, in.exact(i, 0), p);
+        const ExactCosine<scalar_t, T> exact = in.exact(i, 0);
+        const Candidates<T> cand = row_forward_chunk(st, sp + k * classes, inv_w, classes, 0, label_col, exact, p);
         out.write(i, st, labels[i], p);
-        row_grad_chunk(sp + k * classes, inv_w, classes, label_col, out.lse[i], coef[i], in.exact(i, 0), p);
+        row_grad_chunk(sp + k * classes, inv_w, classes, label_col, out.lse[i], coef[i], cand, exact, p);
       }
     });
     Tensor u_block = u.narrow(0, r0, m);
@@ -644,19 +757,45 @@ int64_t class_chunk(int64_t chunk_size, int64_t classes) {
   return std::max<int64_t>(1, (classes + threads * per_thread - 1) / (threads * per_thread));
 }
 
-using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+// (loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri): head_forward's outputs.
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 ForwardResult empty_rows(const Tensor& embeddings) {
   const int64_t batch = embeddings.size(0);
   const auto opts = embeddings.options().dtype(stat_type(embeddings.scalar_type()));
   return {at::empty({batch}, opts), at::empty({batch}, opts), at::empty({batch}, opts),
-          at::empty({batch}, opts.dtype(at::kLong)), at::empty({batch}, opts)};
+          at::empty({batch}, opts.dtype(at::kLong)), at::empty({batch}, opts), at::empty({batch}, opts),
+          at::empty({batch}, opts)};
 }
 
-template <typename T>
-RowOutputs<T> outputs_of(ForwardResult& rows) {
-  return {std::get<0>(rows).data_ptr<T>(), std::get<1>(rows).data_ptr<T>(), std::get<2>(rows).data_ptr<T>(),
-          std::get<3>(rows).data_ptr<int64_t>(), std::get<4>(rows).data_ptr<T>()};
+// ui_center as the kernels read it: [D] in the statistics dtype, or undefined without a centre.
+Tensor ui_direction(const c10::optional<Tensor>& ui_center, const Tensor& embeddings) {
+  if (!ui_center.has_value()) return Tensor();
+  const Tensor& u = *ui_center;
+  TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == embeddings.size(1), "ui_center must be [D] with D = ",
+                    embeddings.size(1), ", got ", u.sizes());
+  TORCH_CHECK_VALUE(u.device() == embeddings.device(), "ui_center is on ", u.device(), " but embeddings is on ",
+                    embeddings.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(u.scalar_type()), "ui_center must be a floating tensor, got ",
+                   u.scalar_type());
+  return u.to(stat_type(embeddings.scalar_type())).contiguous();
+}
+
+// The row outputs, with cos_ui already computed (the normalisation pre-pass).
+template <typename scalar_t, typename T>
+RowOutputs<T> outputs_of(ForwardResult& rows, const Prepared<scalar_t, T>& in, const Tensor& ui,
+                         c10::string_view ri_form) {
+  T* cos_ui = std::get<5>(rows).data_ptr<T>();
+  in.ui_cosines(ui, cos_ui);
+  return {std::get<0>(rows).data_ptr<T>(),
+          std::get<1>(rows).data_ptr<T>(),
+          std::get<2>(rows).data_ptr<T>(),
+          std::get<3>(rows).data_ptr<int64_t>(),
+          std::get<4>(rows).data_ptr<T>(),
+          cos_ui,
+          std::get<6>(rows).data_ptr<T>(),
+          ui.defined(),
+          make_ri_form(std::string(ri_form))};
 }
 
 template <typename T>
@@ -673,13 +812,15 @@ Problem<T> problem_of(double scale, double margin, const std::string& margin_mod
 
 ForwardResult head_forward_cpu(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
                                double scale, double margin, c10::string_view margin_mode, int64_t ignore_index,
-                               int64_t chunk_size, double grad_filter_eps) {
+                               int64_t chunk_size, double grad_filter_eps, const c10::optional<Tensor>& ui_center,
+                               c10::string_view ri_form) {
   check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+  const Tensor ui = ui_direction(ui_center, embeddings);
   ForwardResult rows = empty_rows(embeddings);
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_cpu", [&] {
     const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
     const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
-    forward_pass(in, p, class_chunk(chunk_size, in.classes), outputs_of<acc_t>(rows));
+    forward_pass(in, p, class_chunk(chunk_size, in.classes), outputs_of(rows, in, ui, ri_form));
   });
   return rows;
 }
@@ -695,27 +836,27 @@ std::tuple<Tensor, Tensor> head_backward_cpu(const Tensor& embeddings, const Ten
   std::tuple<Tensor, Tensor> grads;
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_backward_cpu", [&] {
     const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
-    // No row is ignored here: row_grad is already 0 on them.
-    const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), std::numeric_limits<int64_t>::min(),
-                                     in.classes);
+    const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), kNoIgnoreIndex, in.classes);
     grads = backward_pass(in, p, class_chunk(chunk_size, in.classes), lse_c.data_ptr<acc_t>(),
                           grad_c.data_ptr<acc_t>());
   });
   return grads;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_with_grad_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_with_grad_cpu(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, const Tensor& row_coef, double scale,
-    double margin, c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps) {
+    double margin, c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,
+    const c10::optional<Tensor>& ui_center, c10::string_view ri_form) {
   check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
   const auto sdt = stat_type(embeddings.scalar_type());
   const Tensor coef = row_vector(row_coef, "row_coef", embeddings.size(0), sdt);
+  const Tensor ui = ui_direction(ui_center, embeddings);
   ForwardResult rows = empty_rows(embeddings);
   Tensor grad_e, grad_w;
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_with_grad_cpu", [&] {
     const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
     const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
-    const RowOutputs<acc_t> out = outputs_of<acc_t>(rows);
+    const RowOutputs<acc_t> out = outputs_of(rows, in, ui, ri_form);
     const int64_t block = rows_per_block(in.batch, in.classes);
     // Whole rows in row blocks when the inputs are in the accumulation type (a bfloat16 or
     // float16 W would need a float32 C × D accumulator across blocks), the workspace holds
@@ -733,8 +874,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_
   });
   // Σ_i coef_i · loss_i in a fixed order (ignored rows have coef 0 and loss 0).
   const Tensor loss = (coef.to(at::kDouble) * std::get<0>(rows).to(at::kDouble)).sum().to(sdt);
-  return {loss, std::get<0>(rows), std::get<1>(rows), std::get<2>(rows), std::get<3>(rows), std::get<4>(rows),
-          grad_e, grad_w};
+  return {loss,   std::get<0>(rows), std::get<1>(rows), std::get<2>(rows), std::get<3>(rows),
+          std::get<4>(rows), grad_e, grad_w, std::get<5>(rows), std::get<6>(rows)};
 }
 
 }  // namespace

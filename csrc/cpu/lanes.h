@@ -6,6 +6,17 @@
 
 #include <cstdint>
 
+// The functions that hold the lane loops are marked REE_LANES: compiled for AVX-512, AVX2 and
+// baseline x86-64, with the widest the CPU has picked when the library loads (GCC/Clang function
+// multiversioning, one ifunc each). So the default build runs on any x86-64 CPU and still uses
+// 16-float vectors where there are. A native build (setup.py: REE_CPU_NATIVE=1, -march=native)
+// compiles them for the building CPU only; elsewhere (not x86-64 ELF) they are plain functions.
+#if defined(__x86_64__) && defined(__ELF__) && defined(__GNUC__) && !defined(REE_CPU_NATIVE)
+#define REE_LANES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define REE_LANES
+#endif
+
 namespace ree {
 
 constexpr int64_t kLanes = 16;
@@ -18,7 +29,7 @@ inline T sum_lanes(const T* acc) {
 }
 
 template <typename T, typename A, typename B>
-T dot(const A* a, const B* b, int64_t n) {
+REE_LANES T dot(const A* a, const B* b, int64_t n) {
   T acc[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {

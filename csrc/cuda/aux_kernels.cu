@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
   const float per_row = 1.f / static_cast<float>(batch);
   const float per_kept = kept > 0 ? 1.f / static_cast<float>(kept) : 0.f;
   // The UI direction is the same for every row; each warp normalises it once (it stays in cache).
-  const float ui_inv = attn == nullptr ? 0.f : inv_norm(warp_row_sum_sq(ui, dim, lane));
+  const float ui_inv = attn == nullptr ? 0.f : inverse_norm(warp_row_sum_sq(ui, dim, lane));
 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarp; i < batch;
        i += static_cast<int64_t>(gridDim.x) * warps) {
@@ -52,18 +52,18 @@ __global__ void __launch_bounds__(kThreads)
     }
     vv = warp_sum(vv);
     vu = warp_sum(vu);
-    const float v_inv = inv_norm(vv);
+    const float v_inv = inverse_norm(vv);
     const float along = vu * v_inv * ui_inv;  // v̂·û
     float pp = 0.f;
     for (int64_t d = lane; d < dim; d += kWarp) {
-      const float p = to_float(v[d]) * v_inv - along * ui[d] * ui_inv;
+      const float p = pam_residual(to_float(v[d]), ui[d], v_inv, ui_inv, along);
       pp = fmaf(p, p, pp);
     }
-    const float p_inv = inv_norm(warp_sum(pp));
+    const float p_inv = inverse_norm(warp_sum(pp));
     const float grad_scale = 2.f * per_kept / static_cast<float>(dim);
     float sq_err = 0.f;
     for (int64_t d = lane; d < dim; d += kWarp) {
-      const float err = to_float(a[d]) - (to_float(v[d]) * v_inv - along * ui[d] * ui_inv) * p_inv;
+      const float err = to_float(a[d]) - pam_residual(to_float(v[d]), ui[d], v_inv, ui_inv, along) * p_inv;
       sq_err = fmaf(err, err, sq_err);
       g[d] = err * grad_scale;
     }

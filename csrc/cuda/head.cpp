@@ -100,26 +100,53 @@ Targets label_columns(const HeadInputs& in, int64_t ignore_index, double scale, 
   return {values, view};
 }
 
-// The inverse norms of the rows of x, float32.
-Tensor inverse_norms(const Tensor& x, ElemType type, cudaStream_t stream) {
+// The inverse norms of the rows of x, float32; with a direction `ui` ([D] float32), also the rows'
+// cosines to it, written to `cos_ui`.
+Tensor inverse_norms(const Tensor& x, ElemType type, cudaStream_t stream, const Tensor& ui = Tensor(),
+                     float* cos_ui = nullptr) {
   Tensor inv = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
-  check_launch(row_inv_norms(x.const_data_ptr(), type, x.size(0), x.size(1), inv.mutable_data_ptr<float>(), stream),
+  check_launch(row_inv_norms(x.const_data_ptr(), type, x.size(0), x.size(1), inv.mutable_data_ptr<float>(),
+                             ui.defined() ? ui.const_data_ptr<float>() : nullptr, cos_ui, stream),
                "row_inv_norms");
   return inv;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
+// ui_center as the kernels read it: [D] float32 on the inputs' device, or undefined without one.
+Tensor ui_direction(const c10::optional<Tensor>& ui_center, const HeadInputs& in) {
+  if (!ui_center.has_value()) return Tensor();
+  check_cuda(*ui_center, "ui_center", in.embeddings.device());
+  TORCH_CHECK_VALUE(ui_center->dim() == 1 && ui_center->size(0) == in.dim, "ui_center must be [D] with D = ", in.dim,
+                    ", got ", ui_center->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(ui_center->scalar_type()), "ui_center must be a floating tensor, got ",
+                   ui_center->scalar_type());
+  return ui_center->to(at::kFloat).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale, double margin,
-    c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps) {
+    c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,
+    const c10::optional<Tensor>& ui_center, c10::string_view ri_form) {
   const HeadInputs in = check_head_inputs(embeddings, prototypes, labels, grad_filter_eps);
   const MarginParams params = make_margin(std::string(margin_mode.data(), margin_mode.size()), margin);
+  const RiForm form = make_ri_form(std::string(ri_form.data(), ri_form.size()));
   const int64_t cols = chunk_columns(in.batch, in.classes, chunk_size);
   c10::DeviceGuard guard(in.embeddings.device());
+  const Tensor ui = ui_direction(ui_center, in);
   const cudaStream_t stream = current_stream(in.embeddings.device());
   const auto float_opts = in.embeddings.options().dtype(at::kFloat);
 
+  Tensor loss = at::empty({in.batch}, float_opts), cos_pos = at::empty({in.batch}, float_opts);
+  Tensor cos_neg = at::empty({in.batch}, float_opts), lse = at::empty({in.batch}, float_opts);
+  Tensor cos_ui = at::empty({in.batch}, float_opts), ri = at::empty({in.batch}, float_opts);
+  Tensor neg_index = at::empty({in.batch}, in.labels.options());
+  const HeadRowOutputs out{loss.mutable_data_ptr<float>(),    cos_pos.mutable_data_ptr<float>(),
+                           cos_neg.mutable_data_ptr<float>(), neg_index.mutable_data_ptr<int64_t>(),
+                           lse.mutable_data_ptr<float>(),     cos_ui.mutable_data_ptr<float>(),
+                           ri.mutable_data_ptr<float>(),      ui.defined(),
+                           form};
+
   const Targets targets = label_columns(in, ignore_index, scale, params, stream);
-  const Tensor inv_rows = inverse_norms(in.embeddings, in.type, stream);
+  const Tensor inv_rows = inverse_norms(in.embeddings, in.type, stream, ui, out.cos_ui);
   const Tensor inv_classes = inverse_norms(in.prototypes, in.type, stream);
   const int64_t splits = head_row_splits(in.batch);
   const int64_t slots = splits * in.batch;
@@ -128,9 +155,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
   float* values = state_values.mutable_data_ptr<float>();
   const HeadRowState state{values, values + slots, values + 2 * slots, state_index.mutable_data_ptr<int64_t>(), splits};
 
-  Tensor loss = at::empty({in.batch}, float_opts), cos_pos = at::empty({in.batch}, float_opts);
-  Tensor cos_neg = at::empty({in.batch}, float_opts), lse = at::empty({in.batch}, float_opts);
-  Tensor neg_index = at::empty({in.batch}, in.labels.options());
   Tensor workspace = at::empty({in.batch * cols}, float_opts);
   for (int64_t begin = 0; begin < in.classes; begin += cols) {
     const int64_t n = std::min(cols, in.classes - begin);
@@ -143,11 +167,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
                  "head_forward_chunk");
   }
   check_launch(head_forward_finish(in.batch, in.classes, in.labels.const_data_ptr<int64_t>(), ignore_index,
-                                   targets.view, state, loss.mutable_data_ptr<float>(),
-                                   cos_pos.mutable_data_ptr<float>(), cos_neg.mutable_data_ptr<float>(),
-                                   neg_index.mutable_data_ptr<int64_t>(), lse.mutable_data_ptr<float>(), stream),
+                                   targets.view, state, out, stream),
                "head_forward_finish");
-  return {loss, cos_pos, cos_neg, neg_index, lse};
+  return {loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri};
 }
 
 std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
@@ -163,8 +185,8 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
   const Tensor row_lse = row_values(lse, "lse", in);
   const Tensor row_coef = row_values(row_grad, "row_grad", in);
 
-  // ignore_index −1 never matches a label in [0, C): the backward's target is any label in range.
-  const Targets targets = label_columns(in, -1, scale, params, stream);
+  // The backward's target is any label in [0, C).
+  const Targets targets = label_columns(in, kNoIgnoreIndex, scale, params, stream);
   const Tensor inv_rows = inverse_norms(in.embeddings, in.type, stream);
   const Tensor inv_classes = inverse_norms(in.prototypes, in.type, stream);
   // The row factor row_grad_i · s / ‖v_i‖ of ∂/∂cos_ij = mantissa_i · 2^e_i (kernels.h:

@@ -18,6 +18,10 @@ constexpr int64_t kMaxSplits = 64;
 // torch.clamp(c, −1, 1), which keeps NaN.
 __device__ __forceinline__ float clamp_cos(float c) { return c < -1.f ? -1.f : (c > 1.f ? 1.f : c); }
 
+// The logit s·c, rounded on its own: never fused into an FMA with what follows, so the forward
+// (which sums exp(logit − max)) and the backward (exp(logit − lse)) see the same logit.
+__device__ __forceinline__ float logit_of(float scale, float c) { return __fmul_rn(scale, c); }
+
 // The running state of one row over some columns: online log-sum-exp and nearest negative.
 struct Partial {
   float max;      // the largest logit seen (−inf: none)
@@ -86,10 +90,6 @@ __device__ Partial block_merge(Partial p) {
   return p;
 }
 
-__device__ __forceinline__ bool has_target(int64_t label, int64_t num_classes, int64_t ignore_index) {
-  return label >= 0 && label < num_classes && label != ignore_index;
-}
-
 // One warp per row; every operation in float64 (the inputs convert exactly).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
       uu = fma(b, b, uu);
       vu = fma(a, b, vu);
     }
-    const double raw = warp_sum(vu) * inv_norm(warp_sum(vv)) * inv_norm(warp_sum(uu));
+    const double raw = warp_sum(vu) * inverse_norm(warp_sum(vv)) * inverse_norm(warp_sum(uu));
     const double c = raw < -1.0 ? -1.0 : (raw > 1.0 ? 1.0 : raw);  // keeps NaN
     const MarginValue<double> m = margin_logit(c, margin);
     if (lane == 0) {
@@ -128,14 +128,28 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One warp per row. With `ui`, each warp normalises it once (it stays in cache) and takes
+// cos_ui = clamp((x_r · ū) / max(‖x_r‖, ε) / max(‖ū‖, ε)) in the same sweep over the row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) row_inv_norms_kernel(const T* x, int64_t rows, int64_t dim, float* inv) {
+__global__ void __launch_bounds__(kThreads)
+    row_inv_norms_kernel(const T* x, int64_t rows, int64_t dim, float* inv, const float* ui, float* cos_ui) {
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = kThreads / kWarp;
+  const float ui_inv = ui == nullptr ? 0.f : inverse_norm(warp_row_sum_sq(ui, dim, lane));
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarp; r < rows;
        r += static_cast<int64_t>(gridDim.x) * warps) {
-    const float sq = warp_row_sum_sq(x + r * dim, dim, lane);
-    if (lane == 0) inv[r] = inv_norm(sq);
+    const T* row = x + r * dim;
+    const float sq = warp_row_sum_sq(row, dim, lane);
+    float along = 0.f;
+    if (ui != nullptr) {
+      for (int64_t d = lane; d < dim; d += kWarp) along = fmaf(to_float(row[d]), ui[d], along);
+      along = warp_sum(along);
+    }
+    if (lane == 0) {
+      const float row_inv = inverse_norm(sq);
+      inv[r] = row_inv;
+      if (ui != nullptr) cos_ui[r] = clamp_cos(along * row_inv * ui_inv);
+    }
   }
 }
 
@@ -160,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
       add_logit(p, target_logit[row]);
     } else {
       const float c = clamp_cos(row_dots[j] * inv_row * inv_classes[begin + j]);
-      add_logit(p, scale * c);
+      add_logit(p, logit_of(scale, c));
       add_negative(p, c, begin + j);
     }
   }
@@ -177,8 +191,7 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     forward_finish_kernel(int64_t batch, int64_t num_classes, const int64_t* labels, int64_t ignore_index,
-                          HeadTargets targets, HeadRowState state, float* loss, float* cos_pos, float* cos_neg,
-                          int64_t* neg_index, float* lse) {
+                          HeadTargets targets, HeadRowState state, HeadRowOutputs out) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; row < batch;
        row += static_cast<int64_t>(gridDim.x) * kThreads) {
     Partial p = empty_partial();
@@ -187,17 +200,22 @@ __global__ void __launch_bounds__(kThreads)
       p = merge(p, {state.max[slot], state.sum[slot], state.best[slot], state.best_index[slot]});
     }
     const float row_lse = p.max + logf(p.sum);
-    lse[row] = row_lse;
+    out.lse[row] = row_lse;
     const int64_t label = labels[row];
     if (has_target(label, num_classes, ignore_index)) {
-      loss[row] = row_lse - targets.logit[row];
+      out.loss[row] = row_lse - targets.logit[row];
     } else {
       // reference.arcface_rows: 0 for an ignored row, NaN for a label outside [0, C).
-      loss[row] = label == ignore_index ? 0.f : quiet_nan();
+      out.loss[row] = label == ignore_index ? 0.f : quiet_nan();
     }
-    cos_pos[row] = targets.cos[row];  // NaN without target
-    cos_neg[row] = p.index < 0 ? -1.f : p.best;
-    neg_index[row] = p.index;
+    const float cos_pos = targets.cos[row];  // NaN without target
+    const float cos_neg = p.index < 0 ? -1.f : p.best;
+    out.cos_pos[row] = cos_pos;
+    out.cos_neg[row] = cos_neg;
+    out.neg_index[row] = p.index;
+    const float cos_ui = out.has_ui ? out.cos_ui[row] : quiet_nan();
+    if (!out.has_ui) out.cos_ui[row] = cos_ui;
+    out.ri[row] = recognizability_index(cos_pos, cos_neg, cos_ui, out.has_ui, out.ri_form);
   }
 }
 
@@ -212,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t label = labels[row];
   // The op contract: a label outside [0, C) has no target term (there is no ignore_index here:
   // ignored rows come with row_grad 0).
-  const int64_t target = label >= 0 && label < num_classes ? label - begin : -1;
+  const int64_t target = has_target(label, num_classes, kNoIgnoreIndex) ? label - begin : -1;
   const float inv_row = inv_rows[row];
   const float row_lse = lse[row];
   const float mantissa = row_mantissa[row];
@@ -227,7 +245,7 @@ __global__ void __launch_bounds__(kThreads)
       inside = targets.inside[row] != 0.f;
     } else {
       const float raw = dots[offset + j] * inv_row * inv_class;
-      dcos = expf(scale * clamp_cos(raw) - row_lse);
+      dcos = expf(logit_of(scale, clamp_cos(raw)) - row_lse);
       inside = raw >= -1.f && raw <= 1.f;
     }
     grad[offset + j] = from_float<G>(inside ? mantissa * dcos * inv_class : 0.f);
@@ -247,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
     float dot = 0.f;
     for (int64_t d = lane; d < dim; d += kWarp) dot = fmaf(to_float(x_row[d]), q_row[d], dot);
     dot = warp_sum(dot);
-    const float inv = inv_norm(sq);
+    const float inv = inverse_norm(sq);
     // q − x̂ (x̂ · q) = q − x · inv² (x · q); a clamped norm is a constant, with no projection.
     const float k = norm_clamped(sq) ? 0.f : inv * inv * dot;
     const float factor = row_scale == nullptr ? 1.f : row_scale[r];
@@ -274,11 +292,12 @@ LaunchStatus head_targets(const void* embeddings, const void* prototypes, ElemTy
   }));
 }
 
-LaunchStatus row_inv_norms(const void* x, ElemType type, int64_t rows, int64_t dim, float* inv, cudaStream_t stream) {
+LaunchStatus row_inv_norms(const void* x, ElemType type, int64_t rows, int64_t dim, float* inv, const float* ui,
+                           float* cos_ui, cudaStream_t stream) {
   return to_status(dispatch(type, [&](auto tag) {
     using T = decltype(tag);
     row_inv_norms_kernel<T><<<grid_for(rows, kThreads / kWarp), kThreads, 0, stream>>>(static_cast<const T*>(x), rows,
-                                                                                      dim, inv);
+                                                                                      dim, inv, ui, cos_ui);
     return cudaGetLastError();
   }));
 }
@@ -308,10 +327,10 @@ LaunchStatus head_forward_chunk(const float* dots, int64_t batch, int64_t begin,
 }
 
 LaunchStatus head_forward_finish(int64_t batch, int64_t num_classes, const int64_t* labels, int64_t ignore_index,
-                                 const HeadTargets& targets, const HeadRowState& state, float* loss, float* cos_pos,
-                                 float* cos_neg, int64_t* neg_index, float* lse, cudaStream_t stream) {
-  forward_finish_kernel<<<grid_for(batch, kThreads), kThreads, 0, stream>>>(
-      batch, num_classes, labels, ignore_index, targets, state, loss, cos_pos, cos_neg, neg_index, lse);
+                                 const HeadTargets& targets, const HeadRowState& state, const HeadRowOutputs& out,
+                                 cudaStream_t stream) {
+  forward_finish_kernel<<<grid_for(batch, kThreads), kThreads, 0, stream>>>(batch, num_classes, labels, ignore_index,
+                                                                            targets, state, out);
   return to_status(cudaGetLastError());
 }
 

@@ -27,9 +27,11 @@ enum class ElemType : int32_t { Float32, BFloat16, Float16 };
 
 // ---- arcface_head ---------------------------------------------------------------------------
 
-// inv[r] = 1 / max(‖x_r‖, ε) for the rows of x [rows, dim] (float32 accumulation).
-LaunchStatus row_inv_norms(const void* x, ElemType type, int64_t rows, int64_t dim, float* inv,
-                           cudaStream_t stream);
+// inv[r] = 1 / max(‖x_r‖, ε) for the rows of x [rows, dim] (float32 accumulation). With a
+// direction `ui` ([dim] float32; null: none), also cos_ui[r] = clamp(x̂_r · û, −1, 1) in the same
+// pass (reference.cosine_to_ui, the embeddings' normalisation pre-pass).
+LaunchStatus row_inv_norms(const void* x, ElemType type, int64_t rows, int64_t dim, float* inv, const float* ui,
+                           float* cos_ui, cudaStream_t stream);
 
 // The label column of each row, from a float64 dot product: the target logit s·φ(cos) has an
 // infinite slope at cos = 1 (easy samples), where a float32 cosine's last bit moves it by ~0.01.
@@ -69,16 +71,31 @@ LaunchStatus head_forward_chunk(const float* dots, int64_t batch, int64_t begin,
                                 int64_t ignore_index, float scale, const float* target_logit, bool first,
                                 const HeadRowState& state, cudaStream_t stream);
 
-// Merges the splits of `state` and writes the per-row outputs (reference.arcface_rows).
+// head_forward's per-row outputs, [batch] each. cos_ui holds the UI cosines (row_inv_norms)
+// when has_ui, and is written NaN otherwise; ri is reference.recognizability_index of ri_form.
+struct HeadRowOutputs {
+  float* loss;
+  float* cos_pos;
+  float* cos_neg;
+  int64_t* neg_index;
+  float* lse;
+  float* cos_ui;
+  float* ri;
+  bool has_ui;
+  RiForm ri_form;
+};
+
+// Merges the splits of `state` and writes the per-row outputs (reference.arcface_rows, then the RI).
 LaunchStatus head_forward_finish(int64_t batch, int64_t num_classes, const int64_t* labels, int64_t ignore_index,
-                                 const HeadTargets& targets, const HeadRowState& state, float* loss, float* cos_pos,
-                                 float* cos_neg, int64_t* neg_index, float* lse, cudaStream_t stream);
+                                 const HeadTargets& targets, const HeadRowState& state, const HeadRowOutputs& out,
+                                 cudaStream_t stream);
 
 // The backward epilogue of one chunk: turns `dots` (as in head_forward_chunk) into
 // G_ij = row_mantissa_i · ∂loss_i/∂cos_ij · inv_classes_j (the softmax against the given lse,
 // minus one-hot with dφ at the label; torch.clamp's mask), written to `grad` [batch, cols] in
 // `grad_type` (`grad` may be `dots` itself when grad_type is Float32). The label column comes from
-// `targets` (computed with ignore_index −1: the backward's target is any label in [0, C)).
+// `targets` (computed with kNoIgnoreIndex: the backward's target is any label in [0, C)). Every
+// logit is rounded as head_forward_chunk rounds it, so the softmax agrees with the forward's lse.
 // The row factor row_grad_i · s · inv_rows_i = row_mantissa_i · 2^e_i is split so that G stays in
 // half-precision range: the glue scales V's rows by 2^e_i, exactly, for Gᵀ · V, and G · W by 2^e_i
 // in normalize_backward.

@@ -10,6 +10,7 @@ from torch import nn
 import ree_kernels
 from ree_kernels import UITracker, reference
 from ree_kernels.distributed import ShardedArcFaceHead
+from ree_kernels.reference import IGNORE_INDEX
 
 from .models.arcface import ArcFaceHead
 
@@ -81,7 +82,7 @@ class REELoss(nn.Module):
         beta: float = 0.75,
         weights: Sequence[float] = (0.5, 0.5, 0.5),
         momentum: float = 0.99,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         method: str = "ree",
         diversion_target: str = "predicted",
         backend: str = "auto",

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..reference import HeadOutput
+from ..reference import IGNORE_INDEX, HeadOutput
 from .group import Group, shard_range
 from .init import init_prototypes
 from .op import sharded_arcface_head
@@ -51,7 +51,7 @@ class ShardedArcFaceHead(nn.Module):
         margin: float = 0.5,
         margin_mode: str = "arcface",
         ri_form: str = "product",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         embedding_grad: str = "ddp",
         chunk_size: int = 0,

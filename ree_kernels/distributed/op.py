@@ -12,7 +12,7 @@ from torch import nn
 from .. import reference
 from ..backends import FLOAT_DTYPES, kernel_op
 from ..head import refuse_double_backward
-from ..reference import MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
+from ..reference import IGNORE_INDEX, MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
 from .checks import EMBEDDING_GRADS, SHARED_FIELDS, agree, check_local, device_of
 from .group import Group
 
@@ -123,6 +123,7 @@ class _ShardedRows(torch.autograd.Function):
         with torch.autocast(gathered.device.type, enabled=False):
             outputs = p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
                                    p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps)
+            # The RI needs the global statistics: cos_ui and ri (the kernels' last outputs) come after the combine.
             local = HeadRows(*outputs[:len(HeadRows._fields)])
         loss_rows, cos_pos, cos_neg, neg_index, lse = _combine(p, local)
         ctx.save_for_backward(gathered, shard, lse)
@@ -164,7 +165,7 @@ def sharded_arcface_head(
     margin_mode: str = "arcface",
     ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     backend: str = "auto",
     embedding_grad: str = "ddp",

@@ -11,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ..aux_loss import register_aux_op
+from .formulas import inverse_norm, pam_residual
 
-_NORM_EPS = tl.constexpr(reference.NORM_EPS)
 ROW_ELEMENTS = 8192
 """Elements of a row block's [rows, D] tile; D itself is padded to a power of two."""
 MAX_DIM = 65536
@@ -28,12 +27,6 @@ def _smooth_l1(x, beta):
     value = tl.where(size < beta, 0.5 * x * x / beta, size - 0.5 * beta)
     grad = tl.where(x < -beta, -1.0, tl.where(x > beta, 1.0, x / beta))
     return value, grad
-
-
-@triton.jit
-def _inverse_norm(squared_norm):
-    """1 / max(‖x‖, NORM_EPS) from ‖x‖²: reference.normalize's divisor (F.normalize)."""
-    return 1.0 / tl.maximum(tl.sqrt(squared_norm), _NORM_EPS)
 
 
 @triton.jit
@@ -76,11 +69,11 @@ def _aux_rows_kernel(pred_ptr, target_ptr, mu_ptr, keep_ptr, kept_ptr, attn_ptr,
         attn = tl.load(attn_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         v = tl.load(emb_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         u = tl.load(ui_ptr + cols[None, :], mask=col_ok[None, :], other=0.0).to(tl.float32)
-        v_inv = _inverse_norm(tl.sum(v * v, axis=1))
-        u_inv = _inverse_norm(tl.sum(u * u, axis=1))
+        v_inv = inverse_norm(tl.sum(v * v, axis=1))
+        u_inv = inverse_norm(tl.sum(u * u, axis=1))
         along = tl.sum(v * u, axis=1) * v_inv * u_inv
-        residual = v * v_inv[:, None] - along[:, None] * (u * u_inv[:, None])
-        err = attn - residual * _inverse_norm(tl.sum(residual * residual, axis=1))[:, None]
+        residual = pam_residual(v, u, v_inv[:, None], u_inv[:, None], along[:, None])
+        err = attn - residual * inverse_norm(tl.sum(residual * residual, axis=1))[:, None]
         tl.store(mse_ptr + rows, tl.where(keep, tl.sum(err * err, axis=1), 0.0), mask=row_ok)
         grad = tl.where(keep[:, None], err * (2.0 * per_kept / D), 0.0)
         tl.store(grad_attn_ptr + tile, grad, mask=tile_ok)

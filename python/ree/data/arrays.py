@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_LABEL = -100  # gallery distractors and unlabelled images (docs/spec.md §7, ignore_index)
+from ree_kernels.reference import IGNORE_INDEX
+
+IGNORE_LABEL = IGNORE_INDEX  # gallery distractors and unlabelled images (docs/spec.md §7, ignore_index)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

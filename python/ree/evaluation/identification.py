@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ree_kernels.reference import IGNORE_INDEX
+
 from ._arrays import int_vector, real_array
 
-DISTRACTOR_LABEL = -100
+DISTRACTOR_LABEL = IGNORE_INDEX
 # Probes scored per block: bounds the similarity block to this many rows of gallery size.
 _PROBE_BLOCK = 1024
 

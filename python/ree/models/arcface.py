@@ -9,6 +9,7 @@ from torch import nn
 import ree_kernels
 from ree_kernels import HeadOutput
 from ree_kernels.distributed import init_prototypes
+from ree_kernels.reference import IGNORE_INDEX
 
 
 class ArcFaceHead(nn.Module):
@@ -57,7 +58,7 @@ class ArcFaceHead(nn.Module):
         margin: float = 0.5,
         margin_mode: str = "arcface",
         ri_form: str = "product",
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         seed: Optional[int] = None,
     ) -> None:
