@@ -129,7 +129,8 @@ def test_cache_hit_returns_equal_arrays_without_generating(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(min_res=20, max_res=16), "min_res"), (dict(max_res=64), "render_size"), (dict(train_per_id=0), "train_per_id"),
+    (dict(min_res=20, max_res=16), "min_res"), (dict(max_res=64), "render_size"),
+    (dict(train_per_id=0), "train_per_id"),
     (dict(num_test_ids=-1), "num_test_ids"), (dict(image_size=2), "image_size"), (dict(seed=1.5), "seed"),
 ])
 def test_config_errors(change, match):

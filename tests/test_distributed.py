@@ -17,8 +17,14 @@ from torch import nn
 
 from ree_kernels import arcface_head, reference
 from ree_kernels.backends import CPP_KERNELS, KERNEL_DTYPES, TRITON_USABLE
-from ree_kernels.distributed import (ShardedArcFaceHead, init_prototypes, merge_state_dicts, shard_range,
-                                     shard_state_dict, sharded_arcface_head)
+from ree_kernels.distributed import (
+    ShardedArcFaceHead,
+    init_prototypes,
+    merge_state_dicts,
+    shard_range,
+    shard_state_dict,
+    sharded_arcface_head,
+)
 from spawned import spawn
 from support import FORWARD_TOL, GRAD_TOL, check_nearest_negative, head_inputs, max_error, run_head
 
@@ -288,9 +294,9 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
         backbone, head = train_sharded(rank, world, convention)
         for name, p in backbone.named_parameters():
             torch.testing.assert_close(p, ref_backbone.get_parameter(name), rtol=0, atol=1e-12,
-                                       msg=lambda m: f"{convention}: backbone {name}: {m}")
+                                       msg=lambda m, c=convention, n=name: f"{c}: backbone {n}: {m}")
         torch.testing.assert_close(head.weight, ref_weight[start:stop], rtol=0, atol=1e-12,
-                                   msg=lambda m: f"{convention}: prototype shard: {m}")
+                                   msg=lambda m, c=convention: f"{c}: prototype shard: {m}")
         assert not torch.equal(head.weight, init_prototypes(TRAIN["classes"], TRAIN["dim"], start, stop,
                                                             seed=TRAIN["seed"], dtype=torch.float64))
     # Checkpoints for the 2 -> 3 re-shard test: each rank's shard, and the gathered full one.

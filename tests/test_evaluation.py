@@ -474,7 +474,8 @@ def test_erc_and_cmc_tables_and_report(tmp_path):
     assert "| random | recompute | 0.0700 | 0.0100 | 0.0700 | 0.0100 |" in table
     with pytest.raises(ValueError, match="grid"):
         erc_table({"a": _erc("fixed"), "b": _erc("fixed", grid=[0, 0.1, 0.3, 0.5])})
-    assert cmc_table({"REE": {1: 0.5, 5: 0.75}}) == "| model | rank-1 | rank-5 |\n|:---|---:|---:|\n| REE | 0.5000 | 0.7500 |"
+    expected = "| model | rank-1 | rank-5 |\n|:---|---:|---:|\n| REE | 0.5000 | 0.7500 |"
+    assert cmc_table({"REE": {1: 0.5, 5: 0.75}}) == expected
 
     report = Report("demo")
     report.heading("Quality")

@@ -7,8 +7,19 @@ import torch
 
 from ree_kernels import reference
 from ree_kernels.backends import kernel_op
-from support import (DTYPES, FORWARD_TOL, GRAD_TOL, KERNEL_BACKENDS, LARGE_SCALE_SHAPES, assert_spec_close,
-                     compare_head, head_inputs, head_shape, planted_tie_inputs, run_head)
+from support import (
+    DTYPES,
+    FORWARD_TOL,
+    GRAD_TOL,
+    KERNEL_BACKENDS,
+    LARGE_SCALE_SHAPES,
+    assert_spec_close,
+    compare_head,
+    head_inputs,
+    head_shape,
+    planted_tie_inputs,
+    run_head,
+)
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 

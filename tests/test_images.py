@@ -80,7 +80,8 @@ def case(mode: str):
         return encode(Image.fromarray(grey), "PNG", transparency=77), grey3(np.where(grey == 77, 0, grey)), 0
     if mode == "LA":
         grey, alpha = u8(), u8()
-        return encode(Image.fromarray(np.stack([grey, alpha], -1), "LA"), "PNG"), grey3(over_black(grey[..., None], alpha)[..., 0]), 0
+        expected = grey3(over_black(grey[..., None], alpha)[..., 0])
+        return encode(Image.fromarray(np.stack([grey, alpha], -1), "LA"), "PNG"), expected, 0
     if mode == "La":  # associated alpha: the stored grey is already over black
         grey = u8()
         alpha = np.maximum(grey, u8())  # valid premultiplied data: colour <= alpha
@@ -92,7 +93,8 @@ def case(mode: str):
         if mode == "P":
             return encode(picture, "PNG"), colours, 0
         if mode == "P+tRNS":
-            return encode(picture, "PNG", transparency=int(index[0, 0])), np.where((index == index[0, 0])[..., None], 0, colours), 0
+            expected = np.where((index == index[0, 0])[..., None], 0, colours)
+            return encode(picture, "PNG", transparency=int(index[0, 0])), expected, 0
         alpha = u8()
         pa = picture.convert("PA")
         pa.putalpha(Image.fromarray(alpha))
@@ -116,7 +118,8 @@ def case(mode: str):
     if mode == "YCbCr":  # JFIF (ITU-R BT.601, full range)
         ycc = u8(3)
         y, cb, cr = (ycc[..., k].astype(np.float64) for k in range(3))
-        rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)], -1)
+        green = y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128)
+        rgb = np.stack([y + 1.402 * (cr - 128), green, y + 1.772 * (cb - 128)], -1)
         return encode(Image.fromarray(ycc, "YCbCr"), "TIFF"), np.rint(np.clip(rgb, 0, 255)).astype(np.uint8), 1
     if mode == "LAB":  # skin tones and greys in sRGB, to CIELAB by LittleCMS: they come back
         tones = np.array([[224, 172, 105], [141, 85, 36], [198, 134, 66], [255, 219, 172], [128, 128, 128],

@@ -1,6 +1,5 @@
 """The LFW reader and the LFW-VLR protocol: every layout users have, every bad input named, and
 the real copy (REE_LFW_DIR) read and split identity-disjointly (docs/lfw.md)."""
-import io
 import os
 import tarfile
 

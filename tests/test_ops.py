@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ree_kernels
-from ree_kernels import arcface_head, backends, reference, ree_aux_loss, validation
+from ree_kernels import arcface_head, backends, ree_aux_loss, reference, validation
 from support import FORWARD_TOL, GRAD_TOL, assert_spec_close, aux_inputs, generator, head_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,13 +332,15 @@ def test_the_eager_cpu_backward_scales_the_saved_gradients_in_place(monkeypatch)
 # --------------------------------------------------------------------------------------------
 
 def opcheck_samples() -> Dict[str, List[tuple]]:
-    """Small inputs for each torch.ops.ree op. No ignored row: opcheck compares eager and traced
-    outputs without equal_nan, and an ignored row's statistics are NaN."""
+    """Small inputs for each torch.ops.ree op. No ignored row and always a UI centre: opcheck
+    compares eager and traced outputs without equal_nan, and an ignored row's statistics, or
+    cos_ui without a centre, are NaN."""
     g = generator(10)
     emb = torch.randn(5, 8, generator=g).requires_grad_()
     protos = torch.randn(11, 8, generator=g).requires_grad_()
     labels = torch.tensor([0, 3, 10, 2, 4])
-    options = (64.0, 0.5, "arcface", -100, 0, 0.0)
+    center = torch.randn(8, generator=g)
+    options = (64.0, 0.5, "arcface", -100, 0, 0.0, center, "product")
     pred = torch.randn(5, generator=g).requires_grad_()
     attn = torch.randn(5, 8, generator=g).requires_grad_()
     aux = [(pred, torch.randn(5, generator=g), torch.tensor(0.1), attn, torch.randn(5, 8, generator=g),
@@ -348,7 +350,8 @@ def opcheck_samples() -> Dict[str, List[tuple]]:
     for prefix in ("",) + (("triton_",) if backends.TRITON_USABLE else ()):
         lse = getattr(torch.ops.ree, f"{prefix}head_forward")(emb, protos, labels, *options)[4].detach()
         samples[f"{prefix}head_forward"] = [(emb, protos, labels, *options),
-                                            (emb, protos, labels, 30.0, 0.3, "cosface", -100, 16, 0.0)]
+                                            (emb, protos, labels, 30.0, 0.3, "cosface", -100, 16, 0.0, center,
+                                             "crfiqa")]
         samples[f"{prefix}head_backward"] = [(emb.detach(), protos.detach(), labels, lse, torch.rand(5, generator=g),
                                               64.0, 0.5, "arcface", 0, 0.0)]
         samples[f"{prefix}aux_forward"] = aux
@@ -448,7 +451,8 @@ def test_differentiable_statistics_match_the_undetached_reference(backend, case)
 def test_public_functions_document_what_they_raise():
     import ree_kernels.distributed as distributed
 
-    public = [getattr(ree_kernels, n) for n in ree_kernels.__all__] + [getattr(distributed, n) for n in distributed.__all__]
+    public = ([getattr(ree_kernels, n) for n in ree_kernels.__all__]
+              + [getattr(distributed, n) for n in distributed.__all__])
     public += [backends.resolve_backend, backends.chunk_size_for, validation.validate_head_inputs,
                validation.validate_aux_inputs, validation.validate_kernel_options]
     missing = [obj.__name__ for obj in public

@@ -46,7 +46,8 @@ def test_console_script_and_module_entry_points():
     script = Path(sys.executable).parent / "ree"
     assert script.exists(), "the `ree` console script is not installed (pip install -e .)"
     assert "ree.cli" in script.read_text()
-    done = subprocess.run([sys.executable, "-m", "ree", "export", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "ree", "export", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: ree export")
 
 

@@ -31,7 +31,6 @@ from ree.train import Trainer
 from spawned import spawn
 
 
-
 def float64_default() -> None:
     torch.set_default_dtype(torch.float64)
 
@@ -86,7 +85,8 @@ def flat_state(path: Path) -> Dict[str, torch.Tensor]:
 
 def max_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
-    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0 for x, y in zip(a.values(), b.values()))
+    return max(float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+               for x, y in zip(a.values(), b.values()))
 
 
 def assert_like_one_process(state: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], what: str) -> None:
@@ -98,7 +98,8 @@ def assert_like_one_process(state: Dict[str, torch.Tensor], ref: Dict[str, torch
     assert state.keys() == ref.keys(), what
     for key in ref:
         rtol, atol = (1e-6, 1e-7) if key.startswith("criterion.tracker.") else (1e-7, 1e-9)
-        torch.testing.assert_close(state[key], ref[key], rtol=rtol, atol=atol, msg=lambda m: f"{what} {key}: {m}")
+        torch.testing.assert_close(state[key], ref[key], rtol=rtol, atol=atol,
+                                   msg=lambda m, k=key: f"{what} {k}: {m}")
 
 
 def assert_bitwise(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], what: str) -> None:
@@ -199,7 +200,8 @@ def error_runs(rank: int, world: int, out: str) -> None:
 
     ckpt.save_atomic = disk_full if rank == 0 else save_atomic
     try:
-        with pytest.raises(OSError, match="^disk full" if rank == 0 else "rank 0 failed to write checkpoint .*disk full"):
+        expected = "^disk full" if rank == 0 else "rank 0 failed to write checkpoint .*disk full"
+        with pytest.raises(OSError, match=expected):
             Trainer(config(out / "disk", steps=1), dataset=data).fit()
     finally:
         ckpt.save_atomic = save_atomic

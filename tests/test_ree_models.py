@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ree.models import (BACKBONES, PAM, PRM, ArcFaceHead, IResNet, ModelConfig, REEModel, backbone_config, embed)
+from ree.models import BACKBONES, PAM, PRM, ArcFaceHead, IResNet, ModelConfig, REEModel, backbone_config, embed
 from ree_kernels import reference
 
 

@@ -84,7 +84,8 @@ def test_resume_is_bitwise(tmp_path, faces, extra):
     assert states_equal(straight, resumed)
     assert torch.equal(straight.criterion.tracker.center, resumed.criterion.tracker.center)
     assert straight.criterion.tracker.initialized
-    for a, b in zip(straight.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
+    states = (straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"])
+    for a, b in zip(states[0].values(), states[1].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     # and a run that never stopped differs from one with another seed (the test can fail)
     other = Trainer(config(tmp_path, "other", seed=1, **extra), dataset=faces)
@@ -173,7 +174,8 @@ def test_ree_batches_append_uis_with_their_labels(tmp_path, faces):
     assert torch.equal(out_labels[8:], out_labels[:4])
     assert torch.equal(out_labels[:8], labels)
     # UIs are degraded: far less detail than the images they come from
-    detail = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean()
+    def detail(x):
+        return (x[..., 1:] - x[..., :-1]).abs().mean()
     assert detail(images[8:]) < 0.5 * detail(images[:4])
 
 
@@ -181,7 +183,8 @@ def test_vlr_copies_and_ui_resolutions_follow_the_config(tmp_path, faces):
     raw, labels = Trainer(config(tmp_path, "x"), dataset=faces)._fetch(list(range(8)))
     detail = lambda x: float((x[..., 1:] - x[..., :-1]).abs().mean())  # noqa: E731
     plain = Trainer(config(tmp_path, "hr", ui_fraction=0.5), dataset=faces).prepare_batch(raw, labels)[0]
-    vlr = Trainer(config(tmp_path, "vlr", ui_fraction=0.5, min_resolution=4), dataset=faces).prepare_batch(raw, labels)[0]
+    vlr_trainer = Trainer(config(tmp_path, "vlr", ui_fraction=0.5, min_resolution=4), dataset=faces)
+    vlr = vlr_trainer.prepare_batch(raw, labels)[0]
     assert detail(vlr[:8]) < 0.8 * detail(plain[:8])  # sides drawn in [4, 32]: most images lose detail
     harsh = Trainer(config(tmp_path, "ui2", ui_fraction=0.5, ui_min_resolution=2, ui_max_resolution=2),
                     dataset=faces).prepare_batch(raw, labels)[0]

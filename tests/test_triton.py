@@ -8,7 +8,7 @@ import torch
 
 import ree_kernels
 from ree_kernels import reference
-from support import compare_aux, compare_head, aux_inputs, head_inputs
+from support import aux_inputs, compare_aux, compare_head, head_inputs
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -74,7 +74,7 @@ def test_forced_splits_match_reference(num_splits):
     gt = reference.arcface_rows(e.double(), w.double(), y, scale=64.0, margin=0.5)
     for name, ours, ref in zip(("loss", "cos_pos", "cos_neg", "neg_index", "lse"), rows, gt):
         torch.testing.assert_close(ours.double(), ref.double().detach(), rtol=0, atol=1e-4, equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, n=name: f"{n}: {m}")
     # As the autograd passes it: 0 on ignored rows (the op itself gives them lse's gradient).
     row_grad = torch.linspace(0.5, 1.5, batch, device=DEVICE) * (y != -100)
     grads = triton_head.backward_grads(e, w, y, rows[4], row_grad, 64.0, 0.5, "arcface", num_splits=num_splits)

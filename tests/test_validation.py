@@ -161,7 +161,8 @@ def test_zero_norm_rows_stay_finite(backend):
     protos.requires_grad_()
     out = arcface_head(emb, protos, inputs["labels"], inputs["ui_center"], backend=backend)
     out.loss.backward()
-    assert all(bool(torch.isfinite(t).all()) for t in (out.loss, out.cos_neg, out.cos_ui, out.lse, emb.grad, protos.grad))
+    outputs = (out.loss, out.cos_neg, out.cos_ui, out.lse, emb.grad, protos.grad)
+    assert all(bool(torch.isfinite(t).all()) for t in outputs)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -56,7 +56,8 @@ def save_atomic(payload: Dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu", required: Iterable[str] = REQUIRED) -> Dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu",
+         required: Iterable[str] = REQUIRED) -> Dict[str, Any]:
     """Reads a checkpoint written by `save_atomic` with `torch.load(weights_only=True)`: only
     tensors and plain Python values are built (see the module doc).
 

@@ -49,7 +49,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--batch-size for batch_size); unset flags stay unset,
     so a --config file or a resumed checkpoint supplies them."""
     hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("run configuration (defaults: TrainConfig, or --config, or the resumed checkpoint)")
+    group = parser.add_argument_group(
+        "run configuration (defaults: TrainConfig, or --config, or the resumed checkpoint)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
 
     quality = sub.add_parser(
-        "quality", help="score a folder of face crops: one CSV row per image with every quality score the checkpoint has",
+        "quality",
+        help="score a folder of face crops: one CSV row per image with every quality score the checkpoint has",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=QUALITY_COLUMNS)
     quality.add_argument("--checkpoint", type=Path, required=True)
     quality.add_argument("--images", type=Path, required=True,
@@ -143,8 +145,8 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     import torch
 
-    from .distributed import launch, launched_world, process_group_from_env
     from .devices import resolve_device
+    from .distributed import launch, launched_world, process_group_from_env
 
     config = _train_config(args, parser)
     launched = launched_world()

@@ -102,7 +102,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
         self.synthetic = dict(self.synthetic)
-        choices = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
+        choices = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS,
+                   "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
                    "device": DEVICES, "arch": tuple(BACKBONES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

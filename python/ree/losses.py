@@ -14,7 +14,6 @@ from ree_kernels.reference import IGNORE_INDEX
 
 from .models.arcface import ArcFaceHead
 
-
 METHODS = ("ree", "arcface", "crfiqa")
 
 CRFIQA_WEIGHT = 10.0

@@ -82,7 +82,8 @@ class Trainer:
             self.model.embedding_size, self.num_classes, scale=config.scale, margin=config.margin,
             margin_mode=config.margin_mode, ri_form=config.ri_form, tau=config.tau, beta=config.beta,
             weights=(config.lambda_l1, config.lambda_id, config.lambda_mse), momentum=config.tracker_momentum,
-            method=config.method, diversion_target=config.diversion_target, backend=config.backend, seed=config.seed, process_group=self.ranks.group,
+            method=config.method, diversion_target=config.diversion_target, backend=config.backend, seed=config.seed,
+            process_group=self.ranks.group,
         ).to(self.device)
         self.ddp_model: Optional[torch.nn.parallel.DistributedDataParallel] = None
         if self.ranks.world > 1:
@@ -175,7 +176,8 @@ class Trainer:
                 ckpt.set_rng_state(state["rng"], self.generator)
                 self._seed_everything(self.config.seed + self.ranks.rank)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {path} has an unusable optimiser/scheduler/RNG state: {err}") from err
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} has an unusable optimiser/scheduler/RNG state: {err}") from err
         self.step = int(state["step"])
 
     # ----------------------------------------------------------------------------------- loop
@@ -203,7 +205,8 @@ class Trainer:
             yield batch[0], batch[1].long()
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """Random horizontal flips, VLR copies (`config.min_resolution`), then `uis_per_batch` UIs (docs/spec.md §1.10) synthesised from the
+        """Random horizontal flips, VLR copies (`config.min_resolution`), then `uis_per_batch` UIs
+        (docs/spec.md §1.10) synthesised from the
         batch's first images and appended with their labels. -> (images, labels, is_ui).
 
         With N ranks, `images` are this rank's rows of the global batch (every N-th from the
@@ -216,7 +219,8 @@ class Trainer:
         if images.shape[1:] != (3, size, size):
             raise ValueError(f"training images must be [3, {size}, {size}], got {tuple(images.shape[1:])}")
         mine = slice(self.ranks.rank, None, self.ranks.world)
-        flip = (torch.rand(images.shape[0] * self.ranks.world, generator=self.generator, device=self.device) < 0.5)[mine]
+        draws = torch.rand(images.shape[0] * self.ranks.world, generator=self.generator, device=self.device)
+        flip = (draws < 0.5)[mine]
         images = torch.where(flip[:, None, None, None], images.flip(3), images)
         if self.config.min_resolution:
             sides = torch.randint(self.config.min_resolution, size + 1, (images.shape[0] * self.ranks.world,),
@@ -239,7 +243,8 @@ class Trainer:
         self.criterion.train()
         images, labels, is_ui = self.prepare_batch(images, labels)
         model = self.model if self.ddp_model is None else self.ddp_model
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        amp = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
             out = model(images)
             losses = self.criterion(out.embedding, labels, out.quality, out.attn, is_ui)
         self.optimizer.zero_grad(set_to_none=True)

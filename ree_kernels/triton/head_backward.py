@@ -15,8 +15,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .formulas import (LOG2E, NO_IGNORE_INDEX, clamp_cosine, cosine_numerators, dot_operand, inverse_norm,
-                       label_cosine, margin_logit, norm_clamped, row_targets, to_input_dtype)
+from .formulas import (
+    LOG2E,
+    NO_IGNORE_INDEX,
+    clamp_cosine,
+    cosine_numerators,
+    dot_operand,
+    inverse_norm,
+    label_cosine,
+    margin_logit,
+    norm_clamped,
+    row_targets,
+    to_input_dtype,
+)
 
 
 @triton.jit

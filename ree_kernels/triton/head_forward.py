@@ -13,8 +13,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .formulas import (LOG2E, clamp_cosine, cosine_numerators, inverse_norm, label_cosine, margin_logit,
-                       recognizability_index, row_targets)
+from .formulas import (
+    LOG2E,
+    clamp_cosine,
+    cosine_numerators,
+    inverse_norm,
+    label_cosine,
+    margin_logit,
+    recognizability_index,
+    row_targets,
+)
 
 
 @triton.jit

@@ -184,8 +184,9 @@ def render_identities(ids: Identities, size: int) -> np.ndarray:
     side_v = np.where(ids.long_v > 0, np.maximum(ids.side_v, 0.3), ids.side_v)  # long hair frames the face
     sides = (1.0 - head) * _soft(v - side_v, px) * (1.0 - ids.bald * 0.6)
     top = np.maximum(_soft(v - hairline, px), sides) * outer
-    stripes = 0.9 + 0.1 * np.clip(fine, -1, 1) + 0.08 * np.sin(ids.hair_freq * (u * np.cos(ids.hair_angle) + v * np.sin(ids.hair_angle))
-                                   + 4.0 * skin_field)
+    along = u * np.cos(ids.hair_angle) + v * np.sin(ids.hair_angle)
+    stripes = 0.9 + 0.1 * np.clip(fine, -1, 1) + 0.08 * np.sin(ids.hair_freq * along
+                                                                + 4.0 * skin_field)
     _paint(rgba, top, ids.hair[:, None, None, :] * stripes[..., None])
     return rgba
 

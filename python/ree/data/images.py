@@ -115,4 +115,5 @@ def _to_rgb(picture: Image.Image, name: str) -> np.ndarray:
         return np.repeat(colour, 3, axis=2) if colour.shape[2] == 1 else colour.copy()
     if mode in _CONVERTED:
         return np.array(picture.convert("RGB"))
-    raise _Refused(f"{name}: images in Pillow mode {mode!r} are not supported (supported: {', '.join(SUPPORTED_MODES)})")
+    raise _Refused(f"{name}: images in Pillow mode {mode!r} are not supported "
+                   f"(supported: {', '.join(SUPPORTED_MODES)})")

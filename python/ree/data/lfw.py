@@ -35,7 +35,6 @@ from PIL import Image
 
 from .images import decode_image
 
-
 IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 """Image folder names, in the order they are preferred when a folder holds several."""
 ARCHIVES = ("lfw-deepfunneled.tgz", "lfw-funneled.tgz", "lfw.tgz")
@@ -347,7 +346,7 @@ def _read_cache(path: Path) -> Optional[LfwCrops]:
         with np.load(path) as data:
             return LfwCrops(data["images"], data["people"], data["numbers"])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        warnings.warn(f"ignoring unreadable LFW cache {path} ({err}); reading LFW again")
+        warnings.warn(f"ignoring unreadable LFW cache {path} ({err}); reading LFW again", stacklevel=2)
         return None
 
 

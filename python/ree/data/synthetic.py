@@ -163,5 +163,5 @@ def _load_cache(path: str, config: SyntheticConfig) -> SyntheticSplits | None:
             return SyntheticSplits(*(FaceArrays(data[f"{n}_images"], data[f"{n}_labels"],
                                                 data[f"{n}_resolutions"]) for n in _SPLITS))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
-        warnings.warn(f"ignoring unreadable synthetic cache {path} ({error}); regenerating")
+        warnings.warn(f"ignoring unreadable synthetic cache {path} ({error}); regenerating", stacklevel=2)
         return None

@@ -17,7 +17,8 @@ def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_row
     report = ev.Report("REE vs ArcFace: the ree demo")
     report.text(
         "Both models: the same small iResNet (`arch=small`, 32×32 input), the same synthetic training "
-        f"identities ({demo.synthetic.num_train_ids} × {demo.synthetic.train_per_id} images), {demo.steps} SGD steps of "
+        f"identities ({demo.synthetic.num_train_ids} × {demo.synthetic.train_per_id} images), "
+        f"{demo.steps} SGD steps of "
         f"{demo.batch_size} images, ArcFace s={ree_config.scale:g}, m={ree_config.margin:g}. REE adds "
         f"{ree_config.uis_per_batch} synthesised UIs per batch and the auxiliary losses with τ={ree_config.tau:g}, "
         f"λ_L1={ree_config.lambda_l1:g}, λ_ID={ree_config.lambda_id:g}, λ_MSE={ree_config.lambda_mse:g} "

@@ -10,6 +10,7 @@ recognition set), and write runs/demo/report.md with its plots (about 4 minutes 
 from __future__ import annotations
 
 import platform
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -24,7 +25,7 @@ from ..evaluation import pipeline as E
 from ..train import Trainer
 from .clock import Clock, say
 from .report import build_report
-from .tables import summary_table, verdict, METHODS
+from .tables import METHODS, summary_table, verdict
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def quality_sources(scored: Dict[str, E.Scored], recognizer: str) -> Dict[str, n
     return {"REE ξ̂": scored["REE"].quality, "feature norm": scored[recognizer].norm, "ERS": scored[recognizer].ers}
 
 
-def evaluate_pair(trainers: Dict[str, Tuple[Trainer, float]], test: Any, demo: DemoConfig, num_pairs: int) -> Dict[str, Any]:
+def evaluate_pair(trainers: Dict[str, Tuple[Trainer, float]], test: Any, demo: DemoConfig,
+                  num_pairs: int) -> Dict[str, Any]:
     """Recognition and quality of both models on one labelled set."""
     images, labels, resolutions = E.set_tensors(test)
     protocol = E.make_protocol(labels, resolutions, num_pairs=num_pairs, seed=demo.seed)
@@ -150,7 +152,8 @@ def run_synthetic(output: str | Path = "runs/demo", quick: bool = False) -> str:
     E.write_json(out / "metrics.json", {
         "summary": dict(zip(headers, zip(*rows))) if rows else {},
         "synthetic": {"recognition": synthetic["recognition"],
-                      "erc": {n: {m: E.erc_summary(r) for m, r in modes.items()} for n, modes in synthetic["erc"].items()}},
+                      "erc": {n: {m: E.erc_summary(r) for m, r in modes.items()}
+                              for n, modes in synthetic["erc"].items()}},
         "digits": {"recognition": digits["recognition"],
                    "erc": {n: {m: E.erc_summary(r) for m, r in modes.items()} for n, modes in digits["erc"].items()}},
         "lfw_face_auc": lfw, "seconds": clock.phases})

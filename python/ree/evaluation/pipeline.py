@@ -107,7 +107,8 @@ def make_protocol(labels: np.ndarray, resolutions: np.ndarray, *, num_pairs: int
                   distractor_fraction: float = 0.2) -> EvalProtocol:
     """Verification pairs (`num_pairs`, fewer on a set too small for them) and the
     identification split with `distractor_fraction` of the identities as distractors."""
-    a, b, same = protocols.verification_pairs(labels, min(num_pairs, max_pairs(labels)), seed)  # shuffled: folds mix both kinds
+    # shuffled: the folds mix both kinds
+    a, b, same = protocols.verification_pairs(labels, min(num_pairs, max_pairs(labels)), seed)
     ident = protocols.identification_protocol(labels, seed, gallery_per_id=1, distractor_fraction=distractor_fraction)
     return EvalProtocol(np.asarray(a), np.asarray(b), np.asarray(same, dtype=bool), ident, bin_edges(resolutions))
 
@@ -143,7 +144,8 @@ def recognition(scored: Scored, labels: np.ndarray, resolutions: np.ndarray, pro
         acc = _safe(ev.kfold_accuracy, s, y, 10)
         out["acc"], out["acc_std"] = (acc if isinstance(acc, tuple) else (math.nan, math.nan))
         if mask_probes.any():
-            cmc = ev.cmc(emb[probe_idx[mask_probes]], probe_labels[mask_probes], emb[gallery_idx], gallery_labels, RANKS)
+            cmc = ev.cmc(emb[probe_idx[mask_probes]], probe_labels[mask_probes], emb[gallery_idx], gallery_labels,
+                         RANKS)
             out.update({f"rank-{r}": cmc[r] for r in RANKS})
         else:
             out.update({f"rank-{r}": math.nan for r in RANKS})
@@ -156,7 +158,8 @@ def recognition(scored: Scored, labels: np.ndarray, resolutions: np.ndarray, pro
     probe_bins = ev.resolution_bins(probe_res, protocol.edges)
     for (name, pairs), (_, probes) in zip(pair_bins, probe_bins):
         result["bins"][name] = block(pairs, probes)
-    result["cmc_curve"] = ev.cmc_curve(emb[probe_idx], probe_labels, emb[gallery_idx], gallery_labels, max(RANKS)).tolist()
+    curve = ev.cmc_curve(emb[probe_idx], probe_labels, emb[gallery_idx], gallery_labels, max(RANKS))
+    result["cmc_curve"] = curve.tolist()
     return result
 
 
@@ -258,8 +261,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, data: Opt
     """`ree eval`: scores the evaluation set with the checkpoint's model and writes
     output/report.md, output/metrics.json and the plots; returns the main table (markdown)."""
     from ..checkpoint import load_model
-    from . import plots
     from ..train import resolve_device
+    from . import plots
 
     output = Path(output)
     trained = load_model(checkpoint, resolve_device(device))
@@ -268,7 +271,8 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, data: Opt
     scored = score(trained.model, images, trained.ui_center, seed=seed)
     name = "REE" if not trained.config.baseline else "ArcFace"
     rec = recognition(scored, labels, resolutions, protocol)
-    ercs = quality_ercs(pair_scores(scored, protocol), protocol, scored.qualities(not trained.config.baseline), seed=seed)
+    ercs = quality_ercs(pair_scores(scored, protocol), protocol, scored.qualities(not trained.config.baseline),
+                        seed=seed)
     by_res = quality_by_resolution(scored, resolutions, protocol.edges)
 
     report = ev.Report(f"ree eval: {Path(checkpoint).name} (step {trained.step})")

@@ -23,6 +23,7 @@ from . import experiment, report
 ABLATIONS: Dict[str, Dict[str, Any]] = {
     "REE": {"method": "ree"},
     "ArcFace": {"method": "arcface"},
+    "CR-FIQA": {"method": "crfiqa"},
     "REE − L_L1": {"method": "ree", "lambda_l1": 0.0},
     "REE − L_ID": {"method": "ree", "lambda_id": 0.0},
     "REE − L_MSE (PAM)": {"method": "ree", "lambda_mse": 0.0},

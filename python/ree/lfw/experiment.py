@@ -30,10 +30,10 @@ class Budget:
     """What every method gets: the same backbone, data, steps, batch and optimiser (REE adds its
     UIs to each batch). Defaults: docs/lfw.md ("Budget")."""
 
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 128
     lr: float = 0.1
-    warmup_steps: int = 80
+    warmup_steps: int = 60
     input_size: int = 32
     arch: str = "small"
     min_resolution: int = 7
@@ -158,7 +158,8 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
         result, curves = evaluate(runs, data, seed, say)
         per_seed.append(result)
         first = first or curves
-    summary = {"split": split, "seeds": list(seeds), "budget": asdict(budget), "variants": {k: dict(v) for k, v in variants.items()},
+    summary = {"split": split, "seeds": list(seeds), "budget": asdict(budget),
+               "variants": {k: dict(v) for k, v in variants.items()},
             "train_people": len(data.people.train), "train_images": len(data.train),
             "eval_people": len(data.people.held_out), "eval_images": len(data.images), "per_seed": per_seed}
     return summary, first

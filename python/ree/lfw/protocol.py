@@ -18,7 +18,7 @@ evaluation sets built from LFW's own pairs files (docs/lfw.md gives every choice
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -29,9 +29,10 @@ RESOLUTIONS = (24, 16, 12, 8)
 """Probe sides in pixels, from the mildest to the hardest."""
 SPLITS = ("val", "test")
 SPLIT_PAIRS = {"val": "pairsDevTrain.txt", "test": "pairsDevTest.txt"}
-MIN_IMAGES = 2
-"""Training people need at least this many images: a class with one image teaches the ArcFace
-head nothing about its own variation (docs/lfw.md, "Training people")."""
+MIN_IMAGES = 1
+"""Images a training person needs. One: on the validation split, keeping the one-image people
+(2,654 classes instead of 317) raised ArcFace's TAR@FAR=1e-2 at HR from 0.345 to 0.416 and its
+rank-1 from 0.075 to 0.105 (docs/lfw.md, "Training people")."""
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,8 @@ def quality_goals(summary: Mapping[str, Any], score: str = "ξ̂", reference: Se
 
 
 def goals_table(goals: Sequence[Goal]) -> Table:
-    return ["goal", "measured (mean over seeds)", "met"], [[g.text, g.measured, "yes" if g.met else "no"] for g in goals]
+    rows = [[g.text, g.measured, "yes" if g.met else "no"] for g in goals]
+    return ["goal", "measured (mean over seeds)", "met"], rows
 
 
 def write_plots(curves: Curves, out: Path, qualities: Optional[Sequence[str]] = None) -> List[Tuple[str, str]]:

@@ -29,7 +29,8 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         if len(self.layers) == 0 or len(self.layers) != len(self.widths):
-            raise ValueError(f"layers and widths must be non-empty and of equal length, got {self.layers}, {self.widths}")
+            raise ValueError(f"layers and widths must be non-empty and of equal length, "
+                             f"got {self.layers}, {self.widths}")
         if any(n <= 0 for n in self.layers) or any(w <= 0 for w in self.widths) or self.stem_width <= 0:
             raise ValueError("layers, widths and stem_width must be positive")
         stride = 2 ** len(self.layers)
