@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny training runs: they gain nothing from a second
+    thread, and on a shared machine OpenMP's spinning threads make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def poisoned_outputs():
     """Every torch.empty (Python or C++) is filled with NaN / the largest integer, so an output

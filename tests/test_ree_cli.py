@@ -15,13 +15,7 @@ from ree.cli import main
 from ree.config import TrainConfig
 from ree.train import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches; OpenMP spinning on a shared machine costs more
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(folder, out, steps=4):

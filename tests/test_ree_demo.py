@@ -4,17 +4,10 @@ import json
 import math
 
 import pytest
-import torch
 
 from ree.demo.__main__ import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_quick_demo_writes_the_report(tmp_path, capsys):

@@ -55,14 +55,7 @@ def states_equal(a, b):
         list(b.model.state_dict().values()) + list(b.criterion.state_dict().values())))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches gain nothing from a second thread, and on a shared machine OpenMP's
-    spinning threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
