@@ -100,7 +100,7 @@ def evaluate_pair(trainers: Dict[str, Tuple[Trainer, float]], test: Any, demo: D
 
 def lfw_check(trainers: Dict[str, Tuple[Trainer, float]], image_size: int, seed: int) -> Dict[str, Dict[str, float]]:
     """ROC AUC of each quality score at ranking the 100 LFW faces above the 100 non-faces."""
-    from .data.real import lfw_faces_vs_nonfaces
+    from ..data.real import lfw_faces_vs_nonfaces
 
     images, is_face = lfw_faces_vs_nonfaces(image_size)
     scored = score_models(trainers, images, seed)
@@ -128,7 +128,7 @@ def run_synthetic(output: str | Path = "runs/demo", quick: bool = False) -> str:
     lfw = lfw_check(trainers, trainers["REE"][0].model.input_size, demo.seed)
     since = clock.phase("evaluate synthetic + LFW", since)
 
-    from .data.real import digits as load_digits
+    from ..data.real import digits as load_digits
 
     digits_train, digits_test = load_digits(trainers["REE"][0].model.input_size, demo.seed)
     say(f"digits: {len(digits_train)} train / {len(digits_test)} test images (real 8x8 scans)")

@@ -83,7 +83,7 @@ def best_quality_sentence(ercs: Dict[str, Dict[str, Dict[str, ev.ErcResult]]], f
 
 
 def write_plots(out: Path, synthetic: Dict[str, Any], digits: Dict[str, Any]) -> List[Tuple[str, str]]:
-    from .evaluation import plots
+    from ..evaluation import plots
 
     images = []
     for name in METHODS:
