@@ -205,3 +205,27 @@ def test_real_splits_are_identity_disjoint(real):
     assert len(evalset.same) == 1000 and evalset.same.sum() == 500
     assert len(evalset.gallery) == len(test.held_out)  # one image per enrolled person or distractor
     assert not set(evalset.rows) & set(np.flatnonzero(np.isin(crops.people, test.train)))
+
+
+def test_the_lfw_demo_end_to_end(real, tmp_path, one_thread):
+    """`ree demo` with LFW at its smoke-test size: REE, ArcFace and CR-FIQA trained, every table
+    and plot of the report written, every goal computed from the numbers."""
+    import json
+
+    from ree.demo import run_demo
+
+    source, _ = real
+    report = run_demo(tmp_path / "demo", quick=True, lfw=source.images)
+    for section in ("TAR@FAR=1e-2", "10-fold accuracy", "CMC against the HR gallery", "ERC AUC", "Goals"):
+        assert section in report
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    seed = results["per_seed"][0]
+    assert set(seed["recognition"]) == {"REE", "ArcFace", "CR-FIQA"}
+    for name, rec in seed["recognition"].items():
+        assert set(rec["vlr"]) == {"HR", "24", "16", "12", "8"} and set(rec["cross"]) == {"24", "16", "12", "8"}
+        assert all(0.0 <= m["tar@0.01"] <= 1.0 and 0.0 <= m["acc"] <= 1.0 for m in rec["vlr"].values())
+    qualities = set(seed["erc"]["REE"]["recompute"])
+    assert {"ξ̂", "CR-FIQA", "SER-FIQ", "ERS", "norm (REE)", "norm (ArcFace)", "resolution", "random"} <= qualities
+    assert seed["spearman"]["REE"]["resolution"] == 1.0
+    for png in ("erc_ree.png", "erc_arcface.png", "cmc_8px.png"):
+        assert (tmp_path / "demo" / png).stat().st_size > 1000
