@@ -86,12 +86,9 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
 def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: experiment.Budget,
               out: Path, cache_dir: Optional[Path] = None, variants: Optional[Sequence[str]] = None) -> str:
     start = time.perf_counter()
-    if suite == "ablation":
-        variants = {name: ABLATIONS[name] for name in (variants or ABLATIONS)}
-    else:
-        variants = None
+    chosen = {name: ABLATIONS[name] for name in (variants or ABLATIONS)} if suite == "ablation" else None
     summary, curves = experiment.run(source, split=split, seeds=seeds, budget=budget, out=out / "runs",
-                                     variants=variants, cache_dir=cache_dir, say=say)
+                                     variants=chosen, cache_dir=cache_dir, say=say)
     title = f"LFW-VLR {suite}: {split} split, seeds {list(seeds)}"
     intro = ("Every model: the same small iResNet at 32×32, the same training people and steps, VLR training copies "
              f"down to {budget.min_resolution} px. Protocol and choices: docs/lfw.md. The [R] parts of REE are "

@@ -153,7 +153,7 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
         f"{len(data.people.held_out)} evaluation people ({len(data.images)} images)")
     per_seed, first = [], None
     for seed in seeds:
-        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / _slug(name), say, **dict(v))
+        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say, **dict(v))
                 for name, v in variants.items()}
         result, curves = evaluate(runs, data, seed, say)
         per_seed.append(result)
@@ -165,7 +165,8 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
     return summary, first
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A file name for a variant or model name."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .. import evaluation as ev
-from .experiment import Curves, mean_std
+from .experiment import Curves, mean_std, slug
 
 Table = Tuple[List[str], List[List[Any]]]
 LEVELS = ("HR", "24", "16", "12", "8")
@@ -139,7 +139,7 @@ def write_plots(curves: Curves, out: Path, qualities: Optional[Sequence[str]] = 
     images = []
     for recognizer, results in curves.erc.items():
         chosen = {q: r for q, r in results.items() if qualities is None or q in qualities}
-        name = f"erc_{_slug(recognizer)}.png"
+        name = f"erc_{slug(recognizer)}.png"
         plots.plot_erc(chosen, 1e-2, out / name)
         images.append((name, f"ERC on {recognizer}'s LFW-VLR pairs (FMR 1e-2, threshold recomputed)"))
     for level in ("8", "12", "16"):
@@ -147,10 +147,6 @@ def write_plots(curves: Curves, out: Path, qualities: Optional[Sequence[str]] = 
         plots.plot_cmc({r: c[level] for r, c in curves.cmc.items()}, out / name)
         images.append((name, f"CMC of {level} px probes against the HR gallery with distractors"))
     return images
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 def markdown(table: Table) -> str:
