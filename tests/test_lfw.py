@@ -165,6 +165,22 @@ def test_protocol_on_a_small_tree(tmp_path):
         protocol.evaluation_set(crops, source, "test", 24)
 
 
+def test_view2_folds_train_on_everyone_else(tmp_path):
+    source = lfw.open_source(write_tree(tmp_path))
+    crops = lfw.load_crops(source, 32)
+    with pytest.raises(lfw.PairsError, match="View 2 needs 10 folds, the file has 1"):
+        protocol.people(crops, source, "fold1")
+    folds = ["Ann_Lee\t1\t2\nBo_Chan\t1\tCy_Dee\t1\n"] + ["Di_Eve\t1\t2\nDi_Eve\t1\tAnn_Lee\t3\n"] * 9
+    (tmp_path / "pairs.txt").write_text("10\t1\n" + "".join(folds))
+    first = protocol.people(crops, source, "fold1")
+    assert first.held_out == ("Ann_Lee", "Bo_Chan", "Cy_Dee") and first.train == ("Di_Eve",)
+    assert protocol.people(crops, source, "fold4").train == ("Bo_Chan", "Cy_Dee")
+    evalset = protocol.evaluation_set(crops, source, "fold1", 32, erc_pairs=4)
+    assert evalset.same.tolist() == [True, False]
+    with pytest.raises(ValueError, match="split must be one of"):
+        protocol.people(crops, source, "fold11")
+
+
 # ------------------------------------------------------------------------- the real copy
 
 @pytest.fixture(scope="module")

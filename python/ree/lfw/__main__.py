@@ -1,7 +1,9 @@
 """`python -m ree.lfw` / `ree lfw`: the LFW-VLR benchmark (docs/lfw.md).
 
   --suite main       REE, ArcFace and CR-FIQA with one budget, over --seeds (the README's table)
-  --suite ablation   REE with each part or [R] choice changed, and ArcFace (validation split)
+  --suite ablation   REE with each part or [R] choice changed, ArcFace and CR-FIQA (validation split)
+  --protocol view2   instead of DevTest, the ten folds of pairs.txt, each trained on the people
+                     outside it (ten trainings per method: GPU work), one seed per fold
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 from .. import evaluation as ev
 from ..data import lfw
 from ..evaluation.pipeline import to_jsonable
-from . import experiment, report
+from . import experiment, protocol, report
 
 ABLATIONS: Dict[str, Dict[str, Any]] = {
     "REE": {"method": "ree"},
@@ -87,9 +89,16 @@ def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[
               out: Path, cache_dir: Optional[Path] = None, variants: Optional[Sequence[str]] = None) -> str:
     start = time.perf_counter()
     chosen = {name: ABLATIONS[name] for name in (variants or ABLATIONS)} if suite == "ablation" else None
-    summary, curves = experiment.run(source, split=split, seeds=seeds, budget=budget, out=out / "runs",
-                                     variants=chosen, cache_dir=cache_dir, say=say)
-    title = f"LFW-VLR {suite}: {split} split, seeds {list(seeds)}"
+    if split == "view2":  # one run per fold, reported like seeds
+        parts = [experiment.run(source, split=fold, seeds=seeds[:1], budget=budget, out=out / "runs" / fold,
+                                variants=chosen, cache_dir=cache_dir, say=say) for fold in protocol.VIEW2_FOLDS]
+        summary = {**parts[0][0], "split": "view2", "per_seed": [p[0]["per_seed"][0] for p in parts]}
+        curves = parts[0][1]
+    else:
+        summary, curves = experiment.run(source, split=split, seeds=seeds, budget=budget, out=out / "runs",
+                                         variants=chosen, cache_dir=cache_dir, say=say)
+    runs = "folds 1–10 of pairs.txt" if split == "view2" else f"{split} split, seeds {list(seeds)}"
+    title = f"LFW-VLR {suite}: {runs}"
     intro = ("Every model: the same small iResNet at 32×32, the same training people and steps, VLR training copies "
              f"down to {budget.min_resolution} px. Protocol and choices: docs/lfw.md. The [R] parts of REE are "
              "reconstructions (docs/spec.md §1).")
@@ -107,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--split", choices=("val", "test"), default=None,
                         help="evaluation people: DevTrain (val, for tuning) or DevTest (test); "
                              "default: test for main, val for ablation")
+    parser.add_argument("--protocol", choices=("devtest", "view2"), default="devtest",
+                        help="devtest: View 1 (DevTrain/DevTest); view2: the ten folds of pairs.txt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=experiment.Budget.steps)
     parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112))
@@ -116,6 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="default runs/lfw-<suite>-<split>")
     args = parser.parse_args(argv)
     split = args.split or ("val" if args.suite == "ablation" else "test")
+    if args.protocol == "view2":
+        if args.split is not None:
+            parser.error("--protocol view2 evaluates the folds of pairs.txt: leave --split out")
+        split = "view2"
     try:
         source = lfw.find_lfw(args.lfw)
     except lfw.LfwNotFound as err:

@@ -4,6 +4,8 @@ evaluation sets built from LFW's own pairs files (docs/lfw.md gives every choice
 - Test people: those of `pairsDevTest.txt`. Validation people: those of `pairsDevTrain.txt`
   (disjoint from DevTest). Training people: everyone else with at least `min_images` images
   (`split="test"`: DevTrain people train too; `split="val"`: they are held out, for tuning).
+  View 2 (`split="fold1"` … `"fold10"`): the people of that fold of `pairs.txt` are evaluated,
+  everyone else trains.
 - Probes are the face crops degraded to `RESOLUTIONS` px (`ree.data.degrade.downsample`:
   antialiased reduction, then bicubic back to the model input); the undegraded crop is the
   high-resolution (HR) reference, recorded with its side (the model input) as its resolution.
@@ -18,6 +20,7 @@ evaluation sets built from LFW's own pairs files (docs/lfw.md gives every choice
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
@@ -27,8 +30,9 @@ from ..data.protocol import verification_pairs
 
 RESOLUTIONS = (24, 16, 12, 8)
 """Probe sides in pixels, from the mildest to the hardest."""
-SPLITS = ("val", "test")
-SPLIT_PAIRS = {"val": "pairsDevTrain.txt", "test": "pairsDevTest.txt"}
+VIEW2_FOLDS = tuple(f"fold{k}" for k in range(1, 11))
+SPLITS = ("val", "test") + VIEW2_FOLDS
+SPLIT_PAIRS = {"val": "pairsDevTrain.txt", "test": "pairsDevTest.txt", **{f: "pairs.txt" for f in VIEW2_FOLDS}}
 MIN_IMAGES = 1
 """Images a training person needs. One: on the validation split, keeping the one-image people
 (2,654 classes instead of 317) raised ArcFace's TAR@FAR=1e-2 at HR from 0.345 to 0.416 and its
@@ -51,23 +55,32 @@ def people(crops: lfw.LfwCrops, source: lfw.LfwSource, split: str, min_images: i
         ValueError: an unknown split or min_images < 1.
         lfw.PairsError / lfw.LfwNotFound: a pairs file is malformed or missing.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(min_images, int) or min_images < 1:
         raise ValueError(f"min_images must be an int >= 1, got {min_images!r}")
-    test = set(_pair_people(crops, source, SPLIT_PAIRS["test"]))
-    val = set(_pair_people(crops, source, SPLIT_PAIRS["val"]))
-    excluded = test if split == "test" else test | val
+    held_out = set(lfw.pair_people(split_pairs(crops, source, split)[1]))
+    excluded = held_out | (set(lfw.pair_people(split_pairs(crops, source, "test")[1])) if split == "val" else set())
     counts = crops.counts()
     train = tuple(sorted(p for p, n in counts.items() if p not in excluded and n >= min_images))
-    return People(train, tuple(sorted(test if split == "test" else val)))
+    return People(train, tuple(sorted(held_out)))
 
 
-def _pair_people(crops: lfw.LfwCrops, source: lfw.LfwSource, file_name: str) -> List[str]:
-    path = source.pairs_path(file_name)
+def split_pairs(crops: lfw.LfwCrops, source: lfw.LfwSource, split: str) -> Tuple[Path, List[List[lfw.Pair]]]:
+    """(pairs file, its folds that `split` evaluates), every image they name checked.
+
+    Raises:
+        ValueError: an unknown split.
+        lfw.PairsError / lfw.LfwNotFound: a pairs file is malformed, names a missing image, or is missing.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = source.pairs_path(SPLIT_PAIRS[split])
     folds, _ = lfw.read_pairs(path)
+    if split in VIEW2_FOLDS:
+        if len(folds) != len(VIEW2_FOLDS):
+            raise lfw.PairsError(f"{path}: View 2 needs {len(VIEW2_FOLDS)} folds, the file has {len(folds)}")
+        folds = [folds[VIEW2_FOLDS.index(split)]]
     lfw.check_pairs(folds, crops, path)
-    return lfw.pair_people(folds)
+    return path, folds
 
 
 def training_set(crops: lfw.LfwCrops, chosen: People):
@@ -119,13 +132,9 @@ def evaluation_set(crops: lfw.LfwCrops, source: lfw.LfwSource, split: str, hr_si
     """
     from ..evaluation import DISTRACTOR_LABEL
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if hr_side <= max(RESOLUTIONS):
         raise ValueError(f"the model input ({hr_side} px) must exceed the largest probe resolution {max(RESOLUTIONS)}")
-    path = source.pairs_path(SPLIT_PAIRS[split])
-    folds, _ = lfw.read_pairs(path)
-    lfw.check_pairs(folds, crops, path)
+    _, folds = split_pairs(crops, source, split)
     names = tuple(lfw.pair_people(folds))
     rows = np.flatnonzero(np.isin(crops.people, names))
     rows = rows[np.lexsort((crops.numbers[rows], crops.people[rows]))]
