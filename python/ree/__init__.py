@@ -1,8 +1,10 @@
 """REE training package: backbone, PAM and PRM, the REE loss on the fused `ree_kernels` ops,
-data (synthetic VLR faces, ImageFolder, RecordIO), training, evaluation and quality estimation."""
+data (LFW, synthetic VLR faces, ImageFolder, RecordIO), training, evaluation (the LFW-VLR
+benchmark among it) and quality estimation."""
+
+from ree_kernels import __version__
 
 from .losses import REELoss
 from .models import ArcFaceHead, ModelConfig, REEModel, embed
 
-__all__ = ["ArcFaceHead", "ModelConfig", "REELoss", "REEModel", "embed"]
-__version__ = "0.1.0"
+__all__ = ["ArcFaceHead", "ModelConfig", "REELoss", "REEModel", "__version__", "embed"]
