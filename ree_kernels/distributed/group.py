@@ -6,6 +6,11 @@ from typing import Any, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+# The collectives' names since torch 2.13 (pytorch#186123), and the ones they replace, which
+# are all older releases have (torch 2.8 is the floor, pyproject.toml says why).
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def shard_range(num_classes: int, rank: int, world: int) -> Tuple[int, int]:
     """The classes [start, stop) of `rank`: `num_classes // world + (rank < num_classes % world)`
@@ -50,7 +55,7 @@ class Group:
         if self.world == 1:
             return x.unsqueeze(0)
         out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous(), group=self.group)
+        _ALL_GATHER(out, x.contiguous(), group=self.group)
         return out.view(self.world, *x.shape)
 
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
@@ -63,7 +68,7 @@ class Group:
         if self.world == 1:
             return x[0]
         out = x.new_empty(x.shape[1:])
-        dist.reduce_scatter_single(out, x.flatten(0, 1).contiguous(), group=self.group)
+        _REDUCE_SCATTER(out, x.flatten(0, 1).contiguous(), group=self.group)
         return out
 
     def all_gather_object(self, obj: Any) -> List[Any]:
