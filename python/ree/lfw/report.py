@@ -155,3 +155,30 @@ def markdown(table: Table) -> str:
 
 def per_seed_seconds(summary: Mapping[str, Any]) -> Dict[str, float]:
     return {name: stat(summary, "seconds", name)[0] for name in methods(summary)}
+
+
+def ablation_table(summary: Mapping[str, Any], judge: str = "ArcFace") -> Table:
+    """One row per variant: its recognition (TAR@FAR=1e-2 at HR, 12 and 8 px, VLR–VLR and
+    HR–VLR, rank-1 at 8 px) and, for variants with a quality head, the ERC AUC of that head's
+    score (FMR 1e-2, threshold recomputed) on `judge`'s pairs, one recognizer for all, and on
+    the variant's own pairs, with its Spearman correlation with the resolution."""
+    headers = ["variant", "TAR HR", "TAR 12", "TAR 8", "HR–12", "HR–8", "rank-1 8",
+               f"ERC AUC on {judge}'s pairs", "ERC AUC on own pairs", "Spearman"]
+    names = quality_names(summary)
+    rows = []
+    for name in methods(summary):
+        def tar(kind: str, level: str, name: str = name) -> str:
+            return cell(*stat(summary, "recognition", name, kind, level, "tar@0.01"))
+
+        row: List[Any] = [name, tar("vlr", "HR"), tar("vlr", "12"), tar("vlr", "8"), tar("cross", "12"),
+                          tar("cross", "8"), cell(*stat(summary, "recognition", name, "ident", "8", "rank-1"))]
+        score = next((q for q in (f"ξ̂ ({name})", "ξ̂" if name == "REE" else None,
+                                  "CR-FIQA" if name == "CR-FIQA" else None) if q in names), None)
+        if score is None:
+            row += ["—", "—", "—"]
+        else:
+            row += [cell(*stat(summary, "erc", judge, "recompute", score, "auc", "0.01"), digits=4),
+                    cell(*stat(summary, "erc", name, "recompute", score, "auc", "0.01"), digits=4),
+                    cell(*stat(summary, "spearman", judge, score))]
+        rows.append(row)
+    return headers, rows
