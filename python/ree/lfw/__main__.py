@@ -50,6 +50,12 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
     out.mkdir(parents=True, exist_ok=True)
     doc = ev.Report(title)
     doc.text(intro)
+    doc.heading("Summary")
+    doc.text("TAR@FAR=1e-2 on the split's pairs, both images at HR, 12 or 8 px (VLR–VLR) or an HR gallery image "
+             "against a 12 or 8 px probe (HR–12, HR–8); rank-1 of 8 px probes; and for a model with a quality head "
+             "(REE's ξ̂, CR-FIQA's score) the ERC AUC of that score (FMR 1e-2, threshold recomputed; lower is "
+             "better) on ArcFace's pairs and on the model's own, and its Spearman correlation with the resolution.")
+    doc.table(*report.ablation_table(summary))
     doc.heading("Verification: TAR@FAR=1e-2 on the split's pairs file")
     doc.table(*report.verification_table(summary, "tar@0.01"))
     doc.heading("Verification: 10-fold accuracy", 3)
