@@ -116,7 +116,8 @@ def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
     for name, run in runs.items():
         say(f"scoring {name} on {len(data.images)} {data.split} images × {len(data.evalset.levels)} resolutions")
         views[name] = scoring.views(run.trainer.model, data.images, data.evalset.levels,
-                                    run.trainer.criterion.tracker.center_or_none(), seed=seed)
+                                    run.trainer.criterion.tracker.center_or_none(), seed=seed,
+                                    progress=f"scoring {name}")
     result: Dict[str, Any] = {"recognition": {}, "erc": {}, "spearman": {}, "seconds": {}}
     curves = Curves()
     shared = {}

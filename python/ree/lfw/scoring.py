@@ -48,14 +48,19 @@ class Views:
 
 
 def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center: Optional[torch.Tensor], *,
-          seed: int = 0, batch_size: int = 512) -> Views:
+          seed: int = 0, batch_size: int = 512, progress: Optional[str] = None) -> Views:
     """Embeds uint8 crops [N, S, S, 3] (S: the model input) at every level (S itself: undegraded)
     with `embed` (flip fusion, SER-FIQ passes). ū: the model's UI centre, or None to take it from
-    UIs synthesised out of these images (`ui_center_from_images`)."""
+    UIs synthesised out of these images (`ui_center_from_images`). `progress`: the label of a
+    progress bar over the levels (shown on a terminal only)."""
     size = model.input_size
     if images.ndim != 4 or images.shape[1] != size:
         raise ValueError(f"images must be crops at the model input ({size} px), got shape {images.shape}")
     crops = to_tensor(images)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        levels = tqdm(levels, desc=progress, unit="resolution", leave=False, disable=None)
     results = [embed(model, downsample(crops, level), batch_size=batch_size, serfiq_passes=SERFIQ_PASSES, seed=seed)
                for level in levels]
     if ui_center is None:
