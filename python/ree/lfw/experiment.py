@@ -28,12 +28,13 @@ METHODS = {"REE": "ree", "ArcFace": "arcface", "CR-FIQA": "crfiqa"}
 @dataclass(frozen=True)
 class Budget:
     """What every method gets: the same backbone, data, steps, batch and optimiser (REE adds its
-    UIs to each batch). Defaults: docs/lfw.md ("Budget")."""
+    UIs to each batch). The defaults fit `make demo`'s three trainings into its 12 minutes on two
+    CPU cores (docs/lfw.md, "Budget")."""
 
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 128
     lr: float = 0.1
-    warmup_steps: int = 60
+    warmup_steps: int = 50
     input_size: int = 32
     arch: str = "small"
     min_resolution: int = 7
