@@ -31,10 +31,10 @@ class Budget:
     UIs to each batch). The defaults fit `make demo`'s three trainings into its 12 minutes on two
     CPU cores (docs/lfw.md, "Budget")."""
 
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 128
     lr: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     input_size: int = 32
     arch: str = "small"
     min_resolution: int = 7
