@@ -245,3 +245,17 @@ def test_the_lfw_demo_end_to_end(real, tmp_path, one_thread):
     assert seed["spearman"]["REE"]["resolution"] == 1.0
     for png in ("erc_ree.png", "erc_arcface.png", "cmc_8px.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 1000
+
+
+def test_data_lfw_names_the_training_people(real, monkeypatch, tmp_path):
+    from ree.config import TrainConfig
+    from ree.data.sources import build_dataset
+
+    source, crops = real
+    monkeypatch.setenv(lfw.ENV_VAR, str(source.images))
+    cache = os.environ.get("REE_TEST_CACHE", os.path.join("runs", "cache"))
+    train = build_dataset(TrainConfig(data="lfw-val", cache_dir=cache))
+    assert train.class_names == list(protocol.people(crops, source, "val").train)
+    assert len(train) == int(np.isin(crops.people, train.class_names).sum())
+    with pytest.raises(ValueError, match="'lfw-val'"):
+        build_dataset(TrainConfig(data="lfw-test", cache_dir=cache))

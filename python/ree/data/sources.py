@@ -10,10 +10,10 @@ import numpy as np
 
 def build_dataset(config: Any) -> Any:
     """The training set named by `config.data` (a `ree.config.TrainConfig`): "synthetic"
-    (ree.data.synthetic's train split, cached under `cache_dir`), "lfw" / "lfw-val" (the
-    LFW-VLR training people of the test / validation split, from `ree.data.lfw.find_lfw()`,
-    docs/lfw.md), a directory (`ImageFolderDataset`) or a `.rec` file (`RecordIODataset`), at the
-    model's input size.
+    (ree.data.synthetic's train split, cached under `cache_dir`), "lfw" / "lfw-val" /
+    "lfw-fold1" … "lfw-fold10" (the LFW-VLR training people of the test split, the validation
+    split or a View 2 fold, from `ree.data.lfw.find_lfw()`, docs/lfw.md), a directory
+    (`ImageFolderDataset`) or a `.rec` file (`RecordIODataset`), at the model's input size.
 
     Raises:
         ValueError: `data` is none of these (or the set is empty or malformed: the readers'
@@ -24,13 +24,17 @@ def build_dataset(config: Any) -> Any:
         from .synthetic import SyntheticConfig, generate
 
         return generate(SyntheticConfig(**{"image_size": size, **config.synthetic}), cache_dir=config.cache_dir).train
-    if config.data in ("lfw", "lfw-val"):
-        from ..lfw.protocol import people, training_set
+    if config.data == "lfw" or config.data.startswith("lfw-"):
+        from ..lfw.protocol import SPLITS, people, training_set
         from .lfw import find_lfw, load_crops
 
+        split = "test" if config.data == "lfw" else config.data[len("lfw-"):]
+        if split not in SPLITS or split == "test":
+            raise ValueError(f"data {config.data!r}: the LFW training sets are 'lfw' (the test split's), "
+                             f"{', '.join(repr('lfw-' + s) for s in SPLITS if s != 'test')}")
         source = find_lfw()
         crops = load_crops(source, size, cache_dir=config.cache_dir)
-        return training_set(crops, people(crops, source, "val" if config.data == "lfw-val" else "test"))
+        return training_set(crops, people(crops, source, split))
     path = Path(config.data)
     if path.is_dir():
         from .folders import ImageFolderDataset
@@ -40,8 +44,8 @@ def build_dataset(config: Any) -> Any:
         from .recordio import RecordIODataset
 
         return RecordIODataset(path, image_size=size)
-    raise ValueError(f"data must be 'synthetic', 'lfw', 'lfw-val', an ImageFolder directory or a .rec file; "
-                     f"{config.data!r} is none")
+    raise ValueError(f"data must be 'synthetic', 'lfw', 'lfw-val', 'lfw-fold<k>', an ImageFolder directory or a "
+                     f".rec file; {config.data!r} is none")
 
 
 def num_classes(dataset: Any) -> int:

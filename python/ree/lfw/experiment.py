@@ -41,8 +41,11 @@ class Budget:
     min_images: int = protocol.MIN_IMAGES
     erc_pairs: int = 20000
 
-    def config(self, method: str, output_dir: Path, seed: int, **overrides: Any) -> TrainConfig:
-        values = dict(data="lfw", method=method, output_dir=str(output_dir), arch=self.arch, input_size=self.input_size,
+    def config(self, method: str, output_dir: Path, seed: int, split: str = "test", **overrides: Any) -> TrainConfig:
+        """The TrainConfig of one run on `split`'s training people (its `data` names them, so that
+        `ree train --resume` rebuilds the same set)."""
+        values = dict(data="lfw" if split == "test" else f"lfw-{split}", method=method, output_dir=str(output_dir),
+                      arch=self.arch, input_size=self.input_size,
                       steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                       min_resolution=self.min_resolution, seed=seed, save_every=self.steps,
                       log_every=max(self.steps // 40, 1), tensorboard=False)
@@ -83,7 +86,7 @@ def train(name: str, data: Data, budget: Budget, seed: int, out: Path, say: Call
           **overrides: Any) -> Run:
     """Trains `name` (a key of METHODS, or any label with `method=` in overrides)."""
     method = overrides.pop("method", METHODS.get(name))
-    config = budget.config(method, out, seed, **overrides)
+    config = budget.config(method, out, seed, data.split, **overrides)
     say(f"training {name} (seed {seed}): {config.steps} steps × {config.batch_size} images"
         + (f" + {config.uis_per_batch} UIs" if config.uis_per_batch else "")
         + f" on {data.people.train.__len__()} people")
