@@ -112,7 +112,8 @@ def _row_block(dim: int) -> Tuple[int, int]:
 def aux_forward(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Tensor, attn: Optional[torch.Tensor],
                 embeddings: Optional[torch.Tensor], ui_center: Optional[torch.Tensor],
                 recognizable: Optional[torch.Tensor], tau: float,
-                beta: float) -> Tuple[torch.Tensor, ...]:
+                beta: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(l1, id, mse, ∂l1/∂ri_pred, ∂id/∂ri_pred, ∂mse/∂attn), float32."""
     has_attn = attn is not None
     if has_attn and (embeddings is None or ui_center is None):
