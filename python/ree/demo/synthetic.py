@@ -5,7 +5,7 @@ with the same budget (same data, steps, batch and optimiser; REE also sees its U
 both on the held-out test identities (verification, identification with distractors, quality
 ERCs in both threshold modes, everything per resolution bin), run the two real-data checks
 (LFW faces vs non-faces from scikit-image; scikit-learn's 8×8 digits as a second, real VLR
-recognition set), and write runs/demo/report.md with its plots (about 4 minutes on 2 CPU cores).
+recognition set), and write runs/demo/report.md with its plots (about 6 minutes on 2 CPU cores).
 """
 from __future__ import annotations
 
