@@ -237,7 +237,7 @@ def test_the_lfw_demo_end_to_end(real, tmp_path, one_thread):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     seed = results["per_seed"][0]
     assert set(seed["recognition"]) == {"REE", "ArcFace", "CR-FIQA"}
-    for name, rec in seed["recognition"].items():
+    for rec in seed["recognition"].values():
         assert set(rec["vlr"]) == {"HR", "24", "16", "12", "8"} and set(rec["cross"]) == {"24", "16", "12", "8"}
         assert all(0.0 <= m["tar@0.01"] <= 1.0 and 0.0 <= m["acc"] <= 1.0 for m in rec["vlr"].values())
     qualities = set(seed["erc"]["REE"]["recompute"])
