@@ -2,7 +2,7 @@
 
 With LFW found (`--lfw DIR`, `$REE_LFW_DIR`, or scikit-learn's cache): the LFW-VLR benchmark with
 one seed (REE, ArcFace and CR-FIQA trained with one budget, recognition per resolution and the
-quality ERCs; docs/lfw.md), about 12 minutes on 2 CPU cores. Without LFW: the synthetic demo
+quality ERCs; docs/lfw.md), about 7 minutes on 2 CPU cores. Without LFW: the synthetic demo
 (`ree.demo.synthetic`), which says where to put LFW.
 """
 from __future__ import annotations
