@@ -4,6 +4,7 @@ import fnmatch
 import importlib.metadata
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +89,21 @@ def test_one_version_string():
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ree_kernels.__version__"}
     assert "version=" not in (ROOT / "setup.py").read_text()
     assert importlib.metadata.version("ree-kernels") == ree_kernels.__version__
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npz",
+                  ".tgz", ".gz", ".tar", ".zip"}
+
+
+def test_no_lfw_image_is_committed():
+    """LFW's photographs stay outside the project (REE_LFW_DIR, docs/lfw.md): no JPEG or archive
+    anywhere in the repository, and no image file at all under a path that carries LFW's name."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an sdist or wheel): nothing tracked to inspect")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    assert tracked, "git ls-files listed nothing"
+    offenders = [path for path in tracked
+                 if Path(path).suffix.lower() in IMAGE_SUFFIXES
+                 and ("lfw" in path.lower() or Path(path).suffix.lower() in {".jpg", ".jpeg", ".tgz", ".npz"})]
+    assert not offenders, "LFW images (or archives) must not be committed: " + ", ".join(offenders)
