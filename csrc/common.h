@@ -46,4 +46,18 @@ inline at::ScalarType stat_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The optional UI centre as the kernels read it: [D] on the embeddings' device, contiguous, at the
+// statistics' precision; an undefined tensor when there is none.
+inline at::Tensor ui_direction(const c10::optional<at::Tensor>& ui_center, const at::Tensor& embeddings) {
+  if (!ui_center.has_value()) return at::Tensor();
+  const at::Tensor& u = *ui_center;
+  TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == embeddings.size(1), "ui_center must be [D] with D = ",
+                    embeddings.size(1), ", got ", u.sizes());
+  TORCH_CHECK_VALUE(u.device() == embeddings.device(), "ui_center is on ", u.device(), " but embeddings is on ",
+                    embeddings.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(u.scalar_type()), "ui_center must be a floating tensor, got ",
+                   u.scalar_type());
+  return u.to(stat_type(embeddings.scalar_type())).contiguous();
+}
+
 }  // namespace ree

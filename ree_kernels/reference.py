@@ -29,12 +29,9 @@ IGNORE_INDEX = -100
 """The default label of rows that add no loss (`ignore_index`; torch's cross-entropy default)."""
 
 MAX_SCALE = 1000.0
-"""The largest logit scale s the ops accept: the kernels keep forward and backward consistent up to it
-(docs/design.md, "Large logit scales")."""
-
-MAX_SCALE = 1000.0
-"""The largest ArcFace scale s the ops take: s·(1 + cos) must stay far inside float32's exponent
-range in the kernels' log-sum-exp (ArcFace uses s = 64)."""
+"""The largest logit scale s the ops accept (ArcFace uses s = 64): s·(1 + cos) stays far inside
+float32's exponent range in the kernels' log-sum-exp, and the kernels keep forward and backward
+consistent up to it (docs/design.md, "Large logit scales")."""
 
 MARGIN_MODES = ("arcface", "arcface_easy", "arcface_st", "cosface")
 RI_FORMS = ("product", "ratio", "sum", "crfiqa")

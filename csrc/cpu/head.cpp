@@ -283,11 +283,7 @@ struct Candidates {
   // Calls f(j) for every candidate column j, in column order; x must still hold the products.
   template <typename F>
   void for_each(const T* x, const T* inv_w, int64_t n, int64_t label_col, F f) const {
-    if (count == 1) {
-      f(best_at);
-      return;
-    }
-    for (int64_t j = 0; count > 1 && j < n; ++j) {
+    for (int64_t j = 0; j < n; ++j) {
       if (j != label_col && clamp_cos(x[j] * inv_w[j]) >= near) f(j);
     }
   }
@@ -769,18 +765,6 @@ ForwardResult empty_rows(const Tensor& embeddings) {
 }
 
 // ui_center as the kernels read it: [D] in the statistics dtype, or undefined without a centre.
-Tensor ui_direction(const c10::optional<Tensor>& ui_center, const Tensor& embeddings) {
-  if (!ui_center.has_value()) return Tensor();
-  const Tensor& u = *ui_center;
-  TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == embeddings.size(1), "ui_center must be [D] with D = ",
-                    embeddings.size(1), ", got ", u.sizes());
-  TORCH_CHECK_VALUE(u.device() == embeddings.device(), "ui_center is on ", u.device(), " but embeddings is on ",
-                    embeddings.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(u.scalar_type()), "ui_center must be a floating tensor, got ",
-                   u.scalar_type());
-  return u.to(stat_type(embeddings.scalar_type())).contiguous();
-}
-
 // The row outputs, with cos_ui already computed (the normalisation pre-pass).
 template <typename scalar_t, typename T>
 RowOutputs<T> outputs_of(ForwardResult& rows, const Prepared<scalar_t, T>& in, const Tensor& ui,

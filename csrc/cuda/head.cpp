@@ -112,16 +112,6 @@ Tensor inverse_norms(const Tensor& x, ElemType type, cudaStream_t stream, const 
 }
 
 // ui_center as the kernels read it: [D] float32 on the inputs' device, or undefined without one.
-Tensor ui_direction(const c10::optional<Tensor>& ui_center, const HeadInputs& in) {
-  if (!ui_center.has_value()) return Tensor();
-  check_cuda(*ui_center, "ui_center", in.embeddings.device());
-  TORCH_CHECK_VALUE(ui_center->dim() == 1 && ui_center->size(0) == in.dim, "ui_center must be [D] with D = ", in.dim,
-                    ", got ", ui_center->sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(ui_center->scalar_type()), "ui_center must be a floating tensor, got ",
-                   ui_center->scalar_type());
-  return ui_center->to(at::kFloat).contiguous();
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale, double margin,
     c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,
@@ -131,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_
   const RiForm form = make_ri_form(std::string(ri_form.data(), ri_form.size()));
   const int64_t cols = chunk_columns(in.batch, in.classes, chunk_size);
   c10::DeviceGuard guard(in.embeddings.device());
-  const Tensor ui = ui_direction(ui_center, in);
+  const Tensor ui = ui_direction(ui_center, in.embeddings);
   const cudaStream_t stream = current_stream(in.embeddings.device());
   const auto float_opts = in.embeddings.options().dtype(at::kFloat);
 

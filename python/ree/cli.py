@@ -13,12 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from ree_kernels import BACKENDS
 from ree_kernels.reference import MARGIN_MODES, RI_FORMS
 
-from .config import AMP_MODES, DEVICES, DIVERSION_TARGETS, METHODS, OPTIMIZERS, PRM_INPUTS, SCHEDULES, TrainConfig
-from .models.iresnet import BACKBONES
+from .config import CHOICES, DEVICES, TrainConfig
+from .models.ree_model import SERFIQ_PASSES
 
-_CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
-            "device": DEVICES, "arch": tuple(BACKBONES), "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS,
-            "backend": BACKENDS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS}
+_CHOICES = {**CHOICES, "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS, "backend": BACKENDS}
 
 
 def _optional_int(text: str) -> Optional[int]:
@@ -224,24 +222,22 @@ def image_paths(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-QUALITY_COLUMNS = """CSV columns (one row per image; for every score, higher means better quality):
+QUALITY_COLUMNS = f"""CSV columns (one row per image; for every score, higher means better quality):
   path          the image, relative to --images
   xi_hat        REE checkpoints: the predicted recognizability index ξ̂ (the PRM output)
   cr_fiqa       CR-FIQA checkpoints: the regressed certainty ratio (Boutros et al., CVPR 2023)
   feature_norm  ‖v‖ of the unnormalised embedding, read as quality as MagFace does
-  ser_fiq       SER-FIQ: agreement of 10 embeddings with dropout on in the embedding layer, in (0, 1]
+  ser_fiq       SER-FIQ: agreement of {SERFIQ_PASSES} embeddings with dropout on in the embedding layer, in (0, 1]
                 (Terhörst et al., CVPR 2020)
   ers           REE checkpoints: 1 − cos to the centre of the unrecognizable instances (in [0, 2])
 """
 
 
 def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import torch
-
     from .checkpoint import load_model
     from .data.folders import load_images
     from .devices import resolve_device
-    from .models.ree_model import embed
+    from .models.ree_model import embed, ers_score
 
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a directory")
@@ -255,7 +251,6 @@ def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     method = trained.config.method
     head = {"ree": ["xi_hat"], "crfiqa": ["cr_fiqa"]}.get(method, [])
     with_ers = trained.ui_center is not None
-    u = None if not with_ers else trained.ui_center.float().cpu() / trained.ui_center.float().norm().clamp_min(1e-12)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", newline="") as f:
         out = csv.writer(f)
@@ -263,8 +258,8 @@ def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start:start + args.batch_size]
             images = load_images([str(p) for p in chunk], trained.model.input_size)
-            scores = embed(trained.model, images, flip=False, serfiq_passes=10)
-            ers = None if u is None else 1.0 - torch.nn.functional.normalize(scores.plain, dim=1) @ u
+            scores = embed(trained.model, images, flip=False, serfiq_passes=SERFIQ_PASSES)
+            ers = ers_score(scores.plain, trained.ui_center) if with_ers else None
             for k, path in enumerate(chunk):
                 row = [str(path.relative_to(args.images))]
                 row += [f"{float(scores.quality[k]):.6f}"] * len(head)

@@ -7,16 +7,18 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from .losses import DIVERSION_TARGETS, METHODS
 from .models.iresnet import BACKBONES
-from .models.ree_model import ModelConfig
+from .models.ree_model import PRM_INPUTS, ModelConfig
 
-METHODS = ("ree", "arcface", "crfiqa")
-PRM_INPUTS = ("embedding", "normalized")
-DIVERSION_TARGETS = ("predicted", "true")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
+CHOICES = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS,
+           "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "device": DEVICES,
+           "arch": tuple(BACKBONES)}
+"""The allowed values of TrainConfig's fields that take one of a few names."""
 
 RESUME_MUTABLE = frozenset({"output_dir", "progress", "tensorboard", "log_every", "save_every", "workers"})
 """Fields a resumed run may change: they do not affect the numbers."""
@@ -107,10 +109,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.milestones = tuple(float(m) for m in self.milestones)
         self.synthetic = dict(self.synthetic)
-        choices = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS,
-                   "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES,
-                   "device": DEVICES, "arch": tuple(BACKBONES)}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive_ints = ("steps", "batch_size", "log_every", "save_every")
@@ -133,10 +132,11 @@ class TrainConfig:
         for name in ("margin", "tau"):
             if not _finite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if 0 < self.min_resolution < 2 or self.min_resolution > self.model_config().resolved_input_size:
+        input_size = self.model_config().resolved_input_size  # also validates the model fields
+        if 0 < self.min_resolution < 2 or self.min_resolution > input_size:
             raise ValueError(f"min_resolution must be 0 (off) or in [2, input size], got {self.min_resolution!r}")
         if not (isinstance(self.ui_min_resolution, int) and isinstance(self.ui_max_resolution, int)
-                and 1 <= self.ui_min_resolution <= self.ui_max_resolution <= self.model_config().resolved_input_size):
+                and 1 <= self.ui_min_resolution <= self.ui_max_resolution <= input_size):
             raise ValueError(f"ui_min_resolution and ui_max_resolution must satisfy 1 <= min <= max <= input size, got "
                              f"{self.ui_min_resolution!r}, {self.ui_max_resolution!r}")
         if not 0.0 <= self.ui_fraction <= 1.0:
@@ -145,7 +145,6 @@ class TrainConfig:
             raise ValueError(f"tracker_momentum must lie in [0, 1), got {self.tracker_momentum!r}")
         if any(not 0.0 < m < 1.0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing fractions of steps in (0, 1), got {self.milestones!r}")
-        self.model_config()  # validates the model fields
 
     @property
     def baseline(self) -> bool:

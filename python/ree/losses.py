@@ -15,6 +15,8 @@ from ree_kernels.reference import IGNORE_INDEX
 from .models.arcface import ArcFaceHead
 
 METHODS = ("ree", "arcface", "crfiqa")
+DIVERSION_TARGETS = ("predicted", "true")
+"""What L_ID is taken on: the PRM's ξ̂, or the head's RI made differentiable."""
 
 CRFIQA_WEIGHT = 10.0
 CRFIQA_BETA = 0.5
@@ -95,7 +97,7 @@ class REELoss(nn.Module):
             raise ValueError(f"tau must be a number and beta a positive number, got tau={tau!r}, beta={beta!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if diversion_target not in ("predicted", "true"):
+        if diversion_target not in DIVERSION_TARGETS:
             raise ValueError(f"diversion_target must be 'predicted' or 'true', got {diversion_target!r}")
         if method == "crfiqa":
             ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)

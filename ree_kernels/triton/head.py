@@ -169,8 +169,7 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     common = dict(e_ptr=e, w_ptr=w, labels_ptr=labels, e_sq_ptr=e_sq, w_sq_ptr=w_sq, lse_ptr=lse,
                   row_grad_ptr=row_grad, label_grad_ptr=label_grad, row_mass_ptr=row_mass, order_ptr=order,
                   needed_ptr=needed, B=batch, C=classes, D=dim, num_col_tiles=num_col_tiles, scale=scale,
-                  # G·(1/‖x‖) is folded into G for one multiply per tile element; float16 cannot hold it
-                  # for norms near NORM_EPS (1/NORM_EPS = 1e12), so there the operand tile is normalised.
+                  # head_backward.dot_operands: where 1/‖x‖ goes.
                   FILTER=filtered, NORMALIZE_OPERAND=e.dtype == torch.float16,
                   PRECISION=tiling.precision(e.dtype), UPCAST=tiling.upcast(e.dtype), **_NO_FUSION)
 

@@ -78,6 +78,34 @@ def tile_is_needed(error, filter_eps):
 
 
 @triton.jit
+def gradient_rows(labels_ptr, e_sq_ptr, lse_ptr, row_grad_ptr, label_grad_ptr, row_mass_ptr, rows, row_ok, C,
+                  scale):
+    """What `tile_gradient` needs of a block of rows: (label column, ‖e‖², lse, g·s, the label
+    column's gradient, the off-label mass); masked rows read as rows without gradient."""
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    _, target = row_targets(labels, C, NO_IGNORE_INDEX)
+    e_sq = tl.load(e_sq_ptr + rows, mask=row_ok, other=1.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    row_grad_scaled = tl.load(row_grad_ptr + rows, mask=row_ok, other=0.0) * scale
+    label_grad = tl.load(label_grad_ptr + rows, mask=row_ok, other=0.0)
+    row_mass = tl.load(row_mass_ptr + rows, mask=row_ok, other=0.0)
+    return target, e_sq, lse, row_grad_scaled, label_grad, row_mass
+
+
+@triton.jit
+def dot_operands(grad, x, x_scale, grad_scale, dtype: tl.constexpr, NORMALIZE_OPERAND: tl.constexpr):
+    """(G, x) in the input dtype for tl.dot, with 1/‖x‖ applied once: folded into G (`grad_scale`,
+    one multiply per tile element), or, with NORMALIZE_OPERAND, to the operand x (`x_scale`):
+    float16 cannot hold G/‖x‖ for norms near NORM_EPS (1/NORM_EPS = 1e12)."""
+    if NORMALIZE_OPERAND:
+        x = to_input_dtype(x.to(tl.float32) * x_scale, dtype)
+        grad = to_input_dtype(grad, dtype)
+    else:
+        grad = to_input_dtype(grad * grad_scale, dtype)
+    return grad, x
+
+
+@triton.jit
 def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
                            label_grad_ptr, row_mass_ptr, order_ptr, partial_ptr, needed_ptr,
                            B, C, D, split_size, num_col_tiles, scale, filter_eps,
@@ -96,14 +124,9 @@ def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
     rows = tl.load(order_ptr + slots, mask=row_ok, other=0)
     d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = d_out < D
-    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-    _, target = row_targets(labels, C, NO_IGNORE_INDEX)
-    e_sq = tl.load(e_sq_ptr + rows, mask=row_ok, other=1.0)
+    target, e_sq, lse, row_grad_scaled, label_grad, row_mass = gradient_rows(
+        labels_ptr, e_sq_ptr, lse_ptr, row_grad_ptr, label_grad_ptr, row_mass_ptr, rows, row_ok, C, scale)
     inv_e = inverse_norm(e_sq)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    row_grad_scaled = tl.load(row_grad_ptr + rows, mask=row_ok, other=0.0) * scale
-    label_grad = tl.load(label_grad_ptr + rows, mask=row_ok, other=0.0)
-    row_mass = tl.load(row_mass_ptr + rows, mask=row_ok, other=0.0)
 
     acc = tl.zeros((BLOCK_B, BLOCK_DO), tl.float32)
     along = tl.zeros((BLOCK_B,), tl.float32)
@@ -127,11 +150,7 @@ def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             along += tl.sum(grad * cos_raw, axis=1)
             w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + d_out[None, :],
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if NORMALIZE_OPERAND:
-                w = to_input_dtype(w.to(tl.float32) * inv_w[:, None], dtype)
-                grad_in = to_input_dtype(grad, dtype)
-            else:
-                grad_in = to_input_dtype(grad * inv_w[None, :], dtype)
+            grad_in, w = dot_operands(grad, w, inv_w[:, None], inv_w[None, :], dtype, NORMALIZE_OPERAND)
             acc = tl.dot(dot_operand(grad_in, UPCAST), dot_operand(w, UPCAST), acc, input_precision=PRECISION)
 
     e = tl.load(e_ptr + rows.to(tl.int64)[:, None] * D + d_out[None, :], mask=row_ok[:, None] & d_ok[None, :],
@@ -175,13 +194,9 @@ def grad_prototypes_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             slots = b0 + tl.arange(0, BLOCK_B)
             row_ok = slots < B
             rows = tl.load(order_ptr + slots, mask=row_ok, other=0)
-            labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
-            _, target = row_targets(labels, C, NO_IGNORE_INDEX)
-            inv_e = inverse_norm(tl.load(e_sq_ptr + rows, mask=row_ok, other=1.0))
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            row_grad_scaled = tl.load(row_grad_ptr + rows, mask=row_ok, other=0.0) * scale
-            label_grad = tl.load(label_grad_ptr + rows, mask=row_ok, other=0.0)
-            row_mass = tl.load(row_mass_ptr + rows, mask=row_ok, other=0.0)
+            target, e_sq, lse, row_grad_scaled, label_grad, row_mass = gradient_rows(
+                labels_ptr, e_sq_ptr, lse_ptr, row_grad_ptr, label_grad_ptr, row_mass_ptr, rows, row_ok, C, scale)
+            inv_e = inverse_norm(e_sq)
             raw = cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
                                     PRECISION, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
             grad, cos_raw, _ = tile_gradient(raw, inv_e, inv_w, cols, col_ok, target, lse,
@@ -189,11 +204,7 @@ def grad_prototypes_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             along += tl.sum(grad * cos_raw, axis=0)
             e = tl.load(e_ptr + rows.to(tl.int64)[:, None] * D + d_out[None, :],
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if NORMALIZE_OPERAND:
-                e = to_input_dtype(e.to(tl.float32) * inv_e[:, None], dtype)
-                grad_in = to_input_dtype(grad, dtype)
-            else:
-                grad_in = to_input_dtype(grad * inv_e[:, None], dtype)
+            grad_in, e = dot_operands(grad, e, inv_e[:, None], inv_e[:, None], dtype, NORMALIZE_OPERAND)
             acc = tl.dot(dot_operand(tl.trans(grad_in), UPCAST), dot_operand(e, UPCAST), acc,
                          input_precision=PRECISION)
 

@@ -27,6 +27,15 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return x.to(torch.float32).div_(127.5).sub_(1.0)
 
 
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Writes an uncompressed .npz through a temporary file and a rename, so that a reader (or a
+    concurrent run) never sees a half-written file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 @dataclass(eq=False)  # arrays do not compare to one bool
 class FaceArrays(Dataset):
     """A labelled image set held in memory.
@@ -88,11 +97,8 @@ class FaceArrays(Dataset):
         return FaceArrays(self.images[indices], self.labels[indices], self.resolutions[indices])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes an uncompressed .npz atomically (temporary file, then rename)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, images=self.images, labels=self.labels, resolutions=self.resolutions)
-        os.replace(tmp, path)
+        """Writes an uncompressed .npz atomically (`save_npz_atomic`)."""
+        save_npz_atomic(path, images=self.images, labels=self.labels, resolutions=self.resolutions)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceArrays":

@@ -51,6 +51,12 @@ def degrade(image: np.ndarray, resolution: int, rng: np.random.Generator,
     return np.asarray(picture.convert("RGB"))
 
 
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+        raise ValueError("images must be a floating tensor of shape [N, C, H, W], got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+
+
 def downsample(images: torch.Tensor, resolution: int | torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Very-low-resolution copies of a batch: each image reduced to resolution × resolution by an
     antialiased bilinear filter (the capture), then bicubic interpolation to size × size (what the
@@ -60,17 +66,15 @@ def downsample(images: torch.Tensor, resolution: int | torch.Tensor, size: int |
     (per image, each in [1, min(H, W)]); size: the output side (default H, for square images).
     An image whose resolution equals its size is returned unchanged.
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
-        raise ValueError("images must be a floating tensor of shape [N, C, H, W], got "
-                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    _check_images(images)
     n, _, h, w = images.shape
     size = h if size is None else int(size)
-    res = torch.as_tensor(resolution, device=images.device).long().expand(n)
-    if n and (int(res.min()) < 1 or int(res.max()) > min(h, w)):
-        raise ValueError(f"resolution must lie in [1, {min(h, w)}], got {res.min().item()}..{res.max().item()}")
+    sides = torch.as_tensor(resolution).long().expand(n).tolist()  # one read of a device tensor
+    if n and (min(sides) < 1 or max(sides) > min(h, w)):
+        raise ValueError(f"resolution must lie in [1, {min(h, w)}], got {min(sides)}..{max(sides)}")
     out = images.new_empty(n, images.shape[1], size, size)
-    for r in res.unique().tolist():
-        rows = (res == r).nonzero().squeeze(1)
+    for r in sorted(set(sides)):
+        rows = torch.tensor([i for i, side in enumerate(sides) if side == r], device=images.device)
         x = images[rows]
         if r != h or r != w:
             x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
@@ -137,9 +141,7 @@ def synthesize_uis(images: torch.Tensor, generator: torch.Generator | None = Non
     the given `draws` (`draw_uis`, N rows, max_res wide): each image's UI depends only on its
     own draws.
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
-        raise ValueError("images must be a floating tensor of shape [N, C, H, W], got "
-                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    _check_images(images)
     n, channels, h, w = images.shape
     if not 1 <= min_res <= max_res <= min(h, w):
         raise ValueError(f"need 1 <= min_res <= max_res <= image size, got min_res={min_res}, "

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 from PIL import Image
 
+from .arrays import save_npz_atomic
 from .images import decode_image
 
 IMAGE_FOLDERS = ("lfw-deepfunneled", "lfw_funneled", "lfw")
@@ -265,7 +266,7 @@ def _iter_archive(archive: Path) -> Iterator[Tuple[str, Callable[[], bytes], str
                     continue
                 data = tar.extractfile(member).read()
                 yield parts[-2], (lambda d=data: d), f"{archive}:{member.name}"
-    except (tarfile.TarError, EOFError, OSError, zipfile.BadZipFile) as err:
+    except (tarfile.TarError, EOFError, OSError) as err:
         raise ValueError(f"{archive}: unreadable LFW archive ({err})") from err
 
 
@@ -333,9 +334,7 @@ def load_crops(source: LfwSource, size: int, cache_dir: str | os.PathLike | None
     crops = LfwCrops(np.stack(images), np.array(people), np.array(numbers, np.int64))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, images=crops.images, people=crops.people, numbers=crops.numbers)
-        os.replace(tmp, path)
+        save_npz_atomic(path, images=crops.images, people=crops.people, numbers=crops.numbers)
     return crops
 
 

@@ -73,6 +73,7 @@ def class_names(dataset: Any) -> Optional[List[str]]:
     names = list(names)
     if not all(isinstance(name, str) for name in names):
         raise ValueError("the training set's class_names must be strings")
-    if len(names) != num_classes(dataset):
-        raise ValueError(f"the training set names {len(names)} classes but has {num_classes(dataset)}")
+    classes = num_classes(dataset)
+    if len(names) != classes:
+        raise ValueError(f"the training set names {len(names)} classes but has {classes}")
     return names

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import faces
-from .arrays import FaceArrays
+from .arrays import FaceArrays, save_npz_atomic
 from .degrade import degrade
 
 GENERATOR_VERSION = 1  # bump whenever the images a config produces change (invalidates caches)
@@ -148,9 +148,7 @@ def _save_cache(path: str, config: SyntheticConfig, splits: SyntheticSplits) -> 
     for name, split in zip(_SPLITS, splits):
         arrays.update({f"{name}_images": split.images, f"{name}_labels": split.labels,
                        f"{name}_resolutions": split.resolutions})
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a reader never sees a half-written cache
+    save_npz_atomic(path, **arrays)
 
 
 def _load_cache(path: str, config: SyntheticConfig) -> SyntheticSplits | None:

@@ -15,7 +15,7 @@ import torch
 from .. import evaluation as ev
 from ..data import protocol as protocols
 from ..data.degrade import synthesize_uis
-from ..models.ree_model import REEModel, embed
+from ..models.ree_model import REEModel, embed, ers_score
 
 FARS = (1e-2, 1e-3)
 RANKS = (1, 5, 20)
@@ -66,8 +66,7 @@ def score(model: REEModel, images: torch.Tensor, ui_center: Optional[torch.Tenso
     tracker when given, else `ui_center_from_images` on these images."""
     center = ui_center if ui_center is not None else ui_center_from_images(model, images, seed)
     out = embed(model, images, flip=True)
-    u = torch.nn.functional.normalize(center.float().cpu(), dim=0)
-    ers = 1.0 - torch.nn.functional.normalize(out.plain, dim=1) @ u
+    ers = ers_score(out.plain, center)
     return Scored(out.embeddings.double().numpy(), out.quality.double().numpy(), out.norm.double().numpy(),
                   ers.double().numpy())
 
@@ -234,8 +233,8 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, value: Any) -> None:
-    ev.report.write_text_atomic(path, json.dumps(to_jsonable(value), indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, value: Any, indent: int = 2) -> None:
+    ev.report.write_text_atomic(path, json.dumps(to_jsonable(value), indent=indent, sort_keys=True) + "\n")
 
 
 def evaluation_set(config: Any, data: Optional[str] = None):

@@ -19,7 +19,7 @@ import torch
 
 from .. import evaluation as ev
 from ..data import lfw
-from ..evaluation.pipeline import to_jsonable
+from ..evaluation.pipeline import write_json
 from . import experiment, protocol, report
 
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -87,8 +87,8 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
              f"torch {torch.__version__}.")
     doc.text("Budget: " + json.dumps(summary["budget"]))
     doc.write(out / "report.md")
-    (out / "results.json").write_text(json.dumps(to_jsonable(summary), indent=1, sort_keys=True) + "\n")
-    return (out / "report.md").read_text()
+    write_json(out / "results.json", summary, indent=1)
+    return doc.render()
 
 
 def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: experiment.Budget,

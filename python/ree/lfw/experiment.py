@@ -7,7 +7,6 @@ tables. The test split is only ever scored with settings chosen on the validatio
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ METHODS = {"REE": "ree", "ArcFace": "arcface", "CR-FIQA": "crfiqa"}
 class Budget:
     """What every method gets: the same backbone, data, steps, batch and optimiser (REE adds its
     UIs to each batch). The defaults fit `make demo`'s three trainings into its 12 minutes on two
-    CPU cores (docs/lfw.md, "Budget")."""
+    CPU cores (docs/lfw.md, "Training")."""
 
     steps: int = 400
     batch_size: int = 128
@@ -43,7 +42,9 @@ class Budget:
 
     def config(self, method: str, output_dir: Path, seed: int, split: str = "test", **overrides: Any) -> TrainConfig:
         """The TrainConfig of one run on `split`'s training people (its `data` names them, so that
-        `ree train --resume` rebuilds the same set)."""
+        `ree train --resume` rebuilds the same set; `data` takes the people with
+        `protocol.MIN_IMAGES` images, so a run with another `min_images` is refused on resume by
+        the class names its checkpoint stores)."""
         values = dict(data="lfw" if split == "test" else f"lfw-{split}", method=method, output_dir=str(output_dir),
                       arch=self.arch, input_size=self.input_size,
                       steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
@@ -96,10 +97,6 @@ def train(name: str, data: Data, budget: Budget, seed: int, out: Path, say: Call
     return Run(name, trainer, time.perf_counter() - start)
 
 
-QUALITY_BASELINES = ("CR-FIQA", "SER-FIQ", "ERS")
-"""Quality scores ξ̂ is held against besides every model's feature norm (docs/lfw.md)."""
-
-
 @dataclass
 class Curves:
     """What the plots need of one seed: the recompute-mode ERCs {recognizer: {quality: ErcResult}}
@@ -135,14 +132,14 @@ def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
         shared[f"norm ({name})"] = views[name].norm
     shared["resolution"] = scoring.resolution_map(data.evalset)
     for name, run in runs.items():
-        result["recognition"][name] = scoring.recognition(views[name], data.evalset)
+        curves.cmc[name] = scoring.cmc_curves(views[name], data.evalset)
+        result["recognition"][name] = scoring.recognition(views[name], data.evalset, curves.cmc[name])
         qualities = {**shared, "SER-FIQ": views[name].serfiq}
         ercs = scoring.ercs(scoring.erc_scores(views[name], data.evalset), data.evalset, qualities, seed=seed)
         result["erc"][name] = {mode: erc_summary(r) for mode, r in ercs.items()}
         result["spearman"][name] = scoring.resolution_correlation(qualities, data.evalset)
         result["seconds"][name] = run.seconds
         curves.erc[name] = ercs["recompute"]
-        curves.cmc[name] = scoring.cmc_curves(views[name], data.evalset)
     return result, curves
 
 
@@ -173,11 +170,3 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
 def slug(name: str) -> str:
     """A file name for a variant or model name."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-
-
-def mean_std(values: Sequence[float]) -> tuple:
-    """(mean, sample std) ignoring NaN; std is NaN for one value."""
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan

@@ -36,7 +36,7 @@ SPLIT_PAIRS = {"val": "pairsDevTrain.txt", "test": "pairsDevTest.txt", **{f: "pa
 MIN_IMAGES = 1
 """Images a training person needs. One: on the validation split, keeping the one-image people
 (2,654 classes instead of 317) raised ArcFace's TAR@FAR=1e-2 at HR from 0.345 to 0.416 and its
-rank-1 from 0.075 to 0.105 (docs/lfw.md, "Training people")."""
+rank-1 from 0.075 to 0.105 (docs/lfw.md, "The protocol")."""
 
 
 @dataclass(frozen=True)

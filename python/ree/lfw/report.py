@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
-from .. import evaluation as ev
-from .experiment import Curves, mean_std, slug
+import numpy as np
+
+from . import protocol
+from .experiment import Curves, slug
+from .scoring import RANKS
 
 Table = Tuple[List[str], List[List[Any]]]
-LEVELS = ("HR", "24", "16", "12", "8")
-RECOMPUTE_AUC = ("recompute", "0.01", "auc")
-"""The quality goal's ERC statistic: AUC of FNMR at FMR 1e-2, threshold recomputed."""
+LEVELS = ("HR",) + tuple(str(side) for side in protocol.RESOLUTIONS)
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    """(mean, sample std) ignoring NaN; std is NaN for one value."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
 def cell(mean: float, std: float, digits: int = 3) -> str:
@@ -55,7 +64,7 @@ def identification_table(summary: Mapping[str, Any]) -> Table:
     headers = ["model", "rank"] + [f"{lv} px" if lv != "HR" else "HR" for lv in LEVELS]
     rows = []
     for name in methods(summary):
-        for rank in (1, 5, 20):
+        for rank in RANKS:
             rows.append([name, f"rank-{rank}"] + [cell(*stat(summary, "recognition", name, "ident", lv, f"rank-{rank}"))
                                                   for lv in LEVELS])
     return headers, rows
@@ -66,10 +75,10 @@ def quality_names(summary: Mapping[str, Any]) -> List[str]:
     return list(next(iter(first.values()))["recompute"])
 
 
-def quality_table(summary: Mapping[str, Any], recognizers: Optional[Sequence[str]] = None) -> Table:
+def quality_table(summary: Mapping[str, Any]) -> Table:
     """ERC AUC (FMR 1e-2 and 1e-3, threshold recomputed, and 1e-2 fixed) of every quality score on
     each recognizer's pairs, and its Spearman correlation with the probe resolution."""
-    recognizers = list(recognizers or methods(summary))
+    recognizers = methods(summary)
     headers = ["quality"]
     for r in recognizers:
         headers += [f"{r}: AUC 1e-2", f"{r}: AUC 1e-3", f"{r}: AUC 1e-2 fixed"]
@@ -131,26 +140,21 @@ def goals_table(goals: Sequence[Goal]) -> Table:
     return ["goal", "measured (mean over seeds)", "met"], rows
 
 
-def write_plots(curves: Curves, out: Path, qualities: Optional[Sequence[str]] = None) -> List[Tuple[str, str]]:
+def write_plots(curves: Curves, out: Path) -> List[Tuple[str, str]]:
     """ERC plots (FMR 1e-2, threshold recomputed) per recognizer and CMC plots per resolution;
     -> [(file name, caption)]."""
     from ..evaluation import plots
 
     images = []
     for recognizer, results in curves.erc.items():
-        chosen = {q: r for q, r in results.items() if qualities is None or q in qualities}
         name = f"erc_{slug(recognizer)}.png"
-        plots.plot_erc(chosen, 1e-2, out / name)
+        plots.plot_erc(results, 1e-2, out / name)
         images.append((name, f"ERC on {recognizer}'s LFW-VLR pairs (FMR 1e-2, threshold recomputed)"))
     for level in ("8", "12", "16"):
         name = f"cmc_{level}px.png"
         plots.plot_cmc({r: c[level] for r, c in curves.cmc.items()}, out / name)
         images.append((name, f"CMC of {level} px probes against the HR gallery with distractors"))
     return images
-
-
-def markdown(table: Table) -> str:
-    return ev.markdown_table(*table)
 
 
 def per_seed_seconds(summary: Mapping[str, Any]) -> Dict[str, float]:

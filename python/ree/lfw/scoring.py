@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,15 +22,10 @@ import torch
 from .. import evaluation as ev
 from ..data.arrays import to_tensor
 from ..data.degrade import downsample
-from ..evaluation.pipeline import spearman, ui_center_from_images
-from ..models.ree_model import REEModel, embed
+from ..evaluation.pipeline import FARS, RANKS, EvalProtocol, quality_ercs, spearman, ui_center_from_images
+from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score
 from .protocol import EvalSet
 
-FARS = (1e-2, 1e-3)
-RANKS = (1, 5, 20)
-ERC_FMRS = (1e-2, 1e-3)
-THRESHOLD_MODES = ("recompute", "fixed")
-SERFIQ_PASSES = 10
 FOLDS = 10
 
 
@@ -65,9 +60,8 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
                for level in levels]
     if ui_center is None:
         ui_center = ui_center_from_images(model, crops[: min(len(crops), 512)], seed)
-    u = torch.nn.functional.normalize(ui_center.float().cpu(), dim=0)
     stack = lambda key: torch.stack([getattr(r, key) for r in results])  # noqa: E731
-    ers = 1.0 - torch.nn.functional.normalize(stack("plain"), dim=2) @ u
+    ers = ers_score(stack("plain"), ui_center)
     as_np = lambda t: t.double().numpy()  # noqa: E731
     return Views(as_np(stack("embeddings")), as_np(stack("norm")), as_np(stack("quality")), as_np(stack("serfiq")),
                  as_np(ers))
@@ -91,9 +85,10 @@ def verification(scores: np.ndarray, same: np.ndarray) -> Dict[str, float]:
     return out
 
 
-def recognition(view: Views, evalset: EvalSet) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{"vlr": {level: metrics}, "cross": {level: metrics}, "ident": {level: CMC}} (levels as str,
-    "HR" for the undegraded crop)."""
+def recognition(view: Views, evalset: EvalSet,
+                cmc: Mapping[str, List[float]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{"vlr": {level: metrics}, "cross": {level: metrics}, "ident": {level: CMC at RANKS}} (levels
+    as str, "HR" for the undegraded crop); `cmc`: the view's `cmc_curves`."""
     e = _unit(view.embeddings)
     hr = 0
     result: Dict[str, Dict[str, Dict[str, float]]] = {"vlr": {}, "cross": {}, "ident": {}}
@@ -104,12 +99,11 @@ def recognition(view: Views, evalset: EvalSet) -> Dict[str, Dict[str, Dict[str, 
         if k != hr:
             cross = np.einsum("ij,ij->i", e[hr, evalset.pair_a], e[k, evalset.pair_b])
             result["cross"][name] = verification(cross, evalset.same)
-        cmc = ev.cmc(e[k, evalset.probes], evalset.probe_labels, e[hr, evalset.gallery], evalset.gallery_labels, RANKS)
-        result["ident"][name] = {f"rank-{r}": float(cmc[r]) for r in RANKS}
+        result["ident"][name] = {f"rank-{r}": cmc[name][r - 1] for r in RANKS}
     return result
 
 
-def cmc_curves(view: Views, evalset: EvalSet, max_rank: int = 20) -> Dict[str, List[float]]:
+def cmc_curves(view: Views, evalset: EvalSet, max_rank: int = max(RANKS)) -> Dict[str, List[float]]:
     """{level: identification rate at ranks 1..max_rank} of the probes at each level."""
     e = _unit(view.embeddings)
     return {("HR" if k == 0 else str(level)): ev.cmc_curve(e[k, evalset.probes], evalset.probe_labels,
@@ -118,21 +112,17 @@ def cmc_curves(view: Views, evalset: EvalSet, max_rank: int = 20) -> Dict[str, L
             for k, level in enumerate(evalset.levels)}
 
 
+def erc_levels(evalset: EvalSet) -> Tuple[np.ndarray, np.ndarray]:
+    """The level index (into `evalset.levels`) of side a and of side b of each quality pair."""
+    level = {v: k for k, v in enumerate(evalset.levels)}
+    return np.vectorize(level.get)(evalset.erc_res_a), np.vectorize(level.get)(evalset.erc_res_b)
+
+
 def erc_scores(view: Views, evalset: EvalSet) -> np.ndarray:
     """Comparison scores of the quality pairs, each side at its drawn resolution."""
-    level = {v: k for k, v in enumerate(evalset.levels)}
-    la = np.vectorize(level.get)(evalset.erc_res_a)
-    lb = np.vectorize(level.get)(evalset.erc_res_b)
+    la, lb = erc_levels(evalset)
     e = _unit(view.embeddings)
     return np.einsum("ij,ij->i", e[la, evalset.erc_a], e[lb, evalset.erc_b])
-
-
-def pair_qualities(per_image: np.ndarray, evalset: EvalSet) -> tuple:
-    """(quality of side a, of side b) of the quality pairs from a [L, N] per-image score."""
-    level = {v: k for k, v in enumerate(evalset.levels)}
-    la = np.vectorize(level.get)(evalset.erc_res_a)
-    lb = np.vectorize(level.get)(evalset.erc_res_b)
-    return per_image[la, evalset.erc_a], per_image[lb, evalset.erc_b]
 
 
 def resolution_map(evalset: EvalSet) -> np.ndarray:
@@ -142,17 +132,13 @@ def resolution_map(evalset: EvalSet) -> np.ndarray:
 
 def ercs(scores: np.ndarray, evalset: EvalSet, qualities: Mapping[str, np.ndarray], *,
          seed: int = 0) -> Dict[str, Dict[str, "ev.ErcResult"]]:
-    """{threshold_mode: {quality: ErcResult}} for [L, N] per-image qualities, plus `random`."""
-    rng = np.random.default_rng(seed + 7)
-    per_image = dict(qualities)
-    per_image["random"] = rng.random(next(iter(qualities.values())).shape)
-    out: Dict[str, Dict[str, ev.ErcResult]] = {}
-    for mode in THRESHOLD_MODES:
-        out[mode] = {}
-        for name, q in per_image.items():
-            qa, qb = pair_qualities(q, evalset)
-            out[mode][name] = ev.erc(scores, evalset.erc_same, qa, qb, fmrs=ERC_FMRS, threshold_mode=mode)
-    return out
+    """{threshold_mode: {quality: ErcResult}} for [L, N] per-image qualities, plus `random`
+    (`quality_ercs` on the qualities flattened, each pair side indexing its image at its level)."""
+    la, lb = erc_levels(evalset)
+    n = len(evalset.rows)
+    pairs = EvalProtocol(la * n + evalset.erc_a, lb * n + evalset.erc_b, evalset.erc_same, identification=None,
+                         edges=[])
+    return quality_ercs(scores, pairs, {name: q.ravel() for name, q in qualities.items()}, seed=seed)
 
 
 def resolution_correlation(qualities: Mapping[str, np.ndarray], evalset: EvalSet) -> Dict[str, float]:

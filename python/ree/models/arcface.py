@@ -86,20 +86,19 @@ class ArcFaceHead(nn.Module):
         return_stats: bool = False,
         differentiable_stats: bool = False,
     ) -> torch.Tensor | HeadOutput:
-        """The loss of [B, D] embeddings (any scale) with [B] int64 labels; see the class doc.
-        `differentiable_stats` is passed to the op only when True (see `ree_kernels.arcface_head`)."""
+        """The loss of [B, D] embeddings (any scale) with [B] int64 labels; see the class doc and
+        `ree_kernels.arcface_head` for `differentiable_stats`."""
         if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
             prototypes = self.weight.to(embeddings.dtype)
         else:
             prototypes = self.weight  # the op names the bad argument
         if isinstance(labels, torch.Tensor) and labels.dtype in (torch.int32, torch.int16, torch.uint8):
             labels = labels.long()
-        extra = {"differentiable_stats": True} if differentiable_stats else {}
         out = ree_kernels.arcface_head(
             embeddings, prototypes, labels, ui_center,
             scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
             sample_weight=sample_weight, ignore_index=self.ignore_index, reduction=reduction,
-            backend=self.backend, **extra,
+            backend=self.backend, differentiable_stats=differentiable_stats,
         )
         return out if return_stats else out.loss
 

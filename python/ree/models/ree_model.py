@@ -10,6 +10,9 @@ from torch import nn
 from .heads import PAM, PRM, EmbeddingHead
 from .iresnet import BACKBONES, IResNet, backbone_config
 
+PRM_INPUTS = ("embedding", "normalized")
+"""What the PRM reads: the embedding v, or v̂ = v / ‖v‖ (no access to the feature norm)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -37,7 +40,7 @@ class ModelConfig:
         for name in ("dropout", "prm_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if self.prm_input not in ("embedding", "normalized"):
+        if self.prm_input not in PRM_INPUTS:
             raise ValueError(f"prm_input must be 'embedding' or 'normalized', got {self.prm_input!r}")
         if not isinstance(self.pam_reduction, int) or self.pam_reduction <= 0:
             raise ValueError(f"pam_reduction must be a positive int, got {self.pam_reduction!r}")
@@ -96,6 +99,8 @@ class REEModel(nn.Module):
 
 SERFIQ_DROPOUT = 0.5
 """The dropout rate of SER-FIQ's passes for a model trained without dropout (else its own rate)."""
+SERFIQ_PASSES = 10
+"""SER-FIQ's number of stochastic passes m where this package scores it (the paper uses 100)."""
 
 
 class Inference(NamedTuple):
@@ -119,6 +124,14 @@ def serfiq_score(embeddings: torch.Tensor) -> torch.Tensor:
     m = x.shape[1]
     distances = torch.cdist(x, x).triu(diagonal=1).sum((1, 2))
     return (2.0 * torch.sigmoid(-(2.0 / m ** 2) * distances)).float()
+
+
+def ers_score(plain: torch.Tensor, ui_center: torch.Tensor) -> torch.Tensor:
+    """ERS = 1 − cos(v, ū): the cosine distance of unnormalised embeddings `plain` [..., D] to the
+    UI centre ū [D] (the centre of the unrecognizable instances) -> [...], float32 on the CPU,
+    in [0, 2], higher is better."""
+    u = nn.functional.normalize(ui_center.float().cpu(), dim=0)
+    return 1.0 - nn.functional.normalize(plain.float(), dim=-1) @ u
 
 
 @torch.no_grad()
