@@ -167,6 +167,8 @@ def test_float32_and_default_weights_run():
     (dict(weights=(1.0, -1.0, 1.0)), "weights"),
     (dict(beta=0.0), "beta"),
     (dict(momentum=1.0), "momentum"),
+    # Refused before the group is used, so a stand-in object is enough here.
+    (dict(diversion_target="true", process_group=object()), "class-sharded head"),
 ])
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

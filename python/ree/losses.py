@@ -99,6 +99,10 @@ class REELoss(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if diversion_target not in DIVERSION_TARGETS:
             raise ValueError(f"diversion_target must be 'predicted' or 'true', got {diversion_target!r}")
+        if diversion_target == "true" and method == "ree" and process_group is not None:
+            raise ValueError("diversion_target='true' needs the head statistics' gradients, which the class-sharded "
+                             "head (process_group) does not give; use diversion_target='predicted' with several "
+                             "processes")
         if method == "crfiqa":
             ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
         options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
