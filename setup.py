@@ -5,6 +5,7 @@ build without isolation, against the installed torch: `pip install --no-build-is
 
 Environment flags:
   REE_SKIP_CUDA=1        build the CPU kernels only, even where CUDA is available
+  REE_FORCE_CUDA=1       build the CUDA kernels without a GPU (needs nvcc and a CUDA build of torch)
   REE_CUDA_ARCHS="80;90" the CUDA architectures to compile for (default 80;90)
   REE_CPU_NATIVE=1       compile the CPU kernels for this machine's CPU only (-march=native): the
                          library may then stop with an illegal instruction on another CPU. The
@@ -32,7 +33,7 @@ def sources(pattern: str) -> list:
 
 
 def extension():
-    with_cuda = torch.cuda.is_available() or flag("FORCE_CUDA", "0") == "1"
+    with_cuda = torch.cuda.is_available() or flag("REE_FORCE_CUDA", "0") == "1"
     with_cuda = with_cuda and CUDA_HOME is not None and flag("REE_SKIP_CUDA", "0") != "1"
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers; without
     # it the extension's parallel loops run on one thread. The library then resolves libgomp.so.1
@@ -40,7 +41,9 @@ def extension():
     # -fno-trapping-math (no result changes: nothing here reads floating-point exception flags)
     # lets GCC turn the lane loops' comparisons into vector selects inside the AVX2 and baseline
     # versions of REE_LANES functions, which it otherwise leaves scalar.
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # No -std: torch's build extension passes the standard its headers need (C++20 from torch
+    # 2.13's; torch 2.14's headers refuse anything older, so a forced C++17 broke every build).
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     if flag("REE_CPU_NATIVE", "0") == "1":
         cxx += ["-march=native", "-DREE_CPU_NATIVE"]
     src = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sources("csrc/cpu/*.cpp")
@@ -49,6 +52,8 @@ def extension():
         return CppExtension("ree_kernels._C", src, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     archs = [a for a in flag("REE_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
+    # The .cu files never include torch's headers (csrc/cuda/kernels.h), so they keep one standard
+    # whatever torch asks of the glue.
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     src += sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu")
