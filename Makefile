@@ -61,8 +61,9 @@ demo: install
 bench-lfw: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree.lfw --suite main --seeds 0 1 2 --output benchmarks/results/lfw-vlr
 
-# Every .cu compiles to an object with nvcc (the kernels are torch-free), and every CUDA glue
-# .cpp passes a syntax check against torch's headers (it uses only device-generic ATen).
+# Every .cu compiles to an object with nvcc (the kernels are torch-free: C++17), and every CUDA
+# glue .cpp passes a syntax check against torch's headers (it uses only device-generic ATen) in
+# C++20, the standard torch's build extension gives the .cpp files (setup.py).
 cuda-check: install
 	@set -e; mkdir -p build/cuda-check; \
 	archs=$$(echo "$(REE_CUDA_ARCHS)" | tr ';,' '  '); \
@@ -73,7 +74,7 @@ cuda-check: install
 	done; \
 	for f in csrc/cuda/*.cpp; do \
 	  echo "g++ -fsyntax-only $$f"; \
-	  g++ -std=c++17 -fsyntax-only -DREE_WITH_CUDA -Icsrc/include -I$(CUDA_HOME)/include \
+	  g++ -std=c++20 -fsyntax-only -DREE_WITH_CUDA -Icsrc/include -I$(CUDA_HOME)/include \
 	    $(TORCH_INCLUDES) $$($(PY) -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') $$f; \
 	done; \
 	echo "cuda-check: all CUDA sources compile"
