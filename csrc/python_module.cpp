@@ -4,7 +4,7 @@
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>  // TORCH_VERSION_* (torch/headeronly/version.h is missing from torch 2.8)
 
 #include <algorithm>
 #include <string>
