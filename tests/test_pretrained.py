@@ -287,16 +287,20 @@ def test_fine_tuning_from_sface(sface_path, tmp_path):
     assert not torch.equal(trainer.model.state_dict()["head.fc.weight"], start["head.fc.weight"])
 
 
-def test_ree_train_init_takes_the_backbone_from_the_file(r18_file, tmp_path):
+def test_ree_train_init_takes_the_backbone_from_the_file(r18_file, tmp_path, capsys):
     path, _ = r18_file
     out = tmp_path / "cli"
-    assert main(["train", "--init", str(path), "--data", "synthetic", "--synthetic", "num_train_ids=3",
-                 "--synthetic", "train_per_id=2", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
+    synthetic = [f"--synthetic={k}={v}" for k, v in (("num_train_ids", 3), ("train_per_id", 2), ("num_val_ids", 0),
+                                                     ("num_test_ids", 0))]
+    assert main(["train", "--init", str(path), "--data", "synthetic", *synthetic,
+                 "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
                  "--steps", "1", "--batch-size", "4", "--warmup-steps", "0", "--no-progress", "--no-tensorboard",
                  "--method", "arcface"]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["arch"], saved["embedding_size"], saved["input_size"], saved["init"]) == ("r18", 512, 112, str(path))
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["train", "--init", str(tmp_path / "absent.pth"), "--output-dir", str(out)])
+    assert f"{tmp_path / 'absent.pth'}: cannot read it as a torch state dict" in capsys.readouterr().err
     with pytest.raises(ValueError, match="init 'sface' needs arch 'sface'"):
         TrainConfig(init="sface")

@@ -175,7 +175,7 @@ def dequantize_onnx(path: str | os.PathLike) -> Any:
     inputs = [i for i in model.graph.input if i.name not in constants and i.name in used]
     graph = helper.make_graph(nodes, model.graph.name, inputs, list(model.graph.output), initializers)
     out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="ree dequantize_onnx")
-    out.ir_version = max(model.ir_version, 8)
+    out.ir_version = model.ir_version
     onnx.checker.check_model(out)
     return out
 
