@@ -302,5 +302,6 @@ def test_ree_train_init_takes_the_backbone_from_the_file(r18_file, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["train", "--init", str(tmp_path / "absent.pth"), "--output-dir", str(out)])
     assert f"{tmp_path / 'absent.pth'}: cannot read it as a torch state dict" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="init 'sface' needs arch 'sface'"):
-        TrainConfig(init="sface")
+    for init in ("sface", "face_recognition_sface_2021dec.onnx"):
+        with pytest.raises(ValueError, match=f"init '{init}' \\(SFace\\) needs arch 'sface'"):
+            TrainConfig(init=init, arch="r18")

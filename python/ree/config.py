@@ -131,8 +131,8 @@ class TrainConfig:
         if self.init is not None:
             if not isinstance(self.init, str) or not self.init:
                 raise ValueError(f"init must be 'sface' or the path of a pretrained backbone, got {self.init!r}")
-            if self.init == "sface" and self.arch != "sface":
-                raise ValueError(f"init 'sface' needs arch 'sface', got {self.arch!r}")
+            if (self.init == "sface" or self.init.lower().endswith(".onnx")) and self.arch != "sface":
+                raise ValueError(f"init {self.init!r} (SFace) needs arch 'sface', got {self.arch!r}")
         if not _finite(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
             raise ValueError(f"sample_rate must lie in (0, 1], got {self.sample_rate!r}")
         if self.sample_rate < 1.0:
