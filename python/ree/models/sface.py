@@ -154,7 +154,9 @@ def _fold_constants(graph: Any) -> Tuple[Dict[str, np.ndarray], List[Any]]:
             if node.op_type == "DequantizeLinear":
                 constants[node.output[0]] = _dequantize(node, values)
             else:
-                constants[node.output[0]] = values[0].reshape([int(d) for d in values[1]])
+                # ONNX Reshape: 0 keeps the input's dimension there (allowzero=0, the default)
+                shape = [int(d) or values[0].shape[k] for k, d in enumerate(values[1])]
+                constants[node.output[0]] = values[0].reshape(shape)
         else:
             remaining.append(node)
     return constants, remaining
@@ -163,7 +165,7 @@ def _fold_constants(graph: Any) -> Tuple[Dict[str, np.ndarray], List[Any]]:
 def dequantize_onnx(path: str | os.PathLike) -> Any:
     """The SFace file at `path` as a float32 `onnx.ModelProto` (block-quantized weights
     dequantized into initializers, the graph's one input `data` [1, 3, 112, 112], 0..255 RGB),
-    which onnxruntime and OpenCV run. A float32 file comes back unchanged in effect."""
+    which onnxruntime runs. A float32 file comes back unchanged in effect."""
     import onnx
     from onnx import helper, numpy_helper
 
