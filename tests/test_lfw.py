@@ -259,3 +259,5 @@ def test_data_lfw_names_the_training_people(real, monkeypatch, tmp_path):
     assert len(train) == int(np.isin(crops.people, train.class_names).sum())
     with pytest.raises(ValueError, match="'lfw-val'"):
         build_dataset(TrainConfig(data="lfw-test", cache_dir=cache))
+    test_people = build_dataset(TrainConfig(data="lfw", cache_dir=cache))  # the test split's training people
+    assert test_people.class_names == list(protocol.people(crops, source, "test").train)

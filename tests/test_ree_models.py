@@ -214,6 +214,23 @@ def test_arcface_head_is_a_drop_in_for_insightface_partial_fc():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+def test_cosface_head_is_a_drop_in_for_insightface_combined_margin_cosface():
+    """CombinedMarginLoss(s, 1.0, 0.0, m) (35 of arcface_torch's configs): the target cosine minus
+    m, with its gradient, then scale and cross-entropy (re-derived here)."""
+    torch.manual_seed(1)
+    head = ArcFaceHead(32, 50, scale=64.0, margin=0.4, margin_mode="cosface").double()
+    emb = torch.randn(24, 32, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (24,))
+    ours = head(emb, labels)
+    logits = torch.nn.functional.linear(torch.nn.functional.normalize(emb),
+                                        torch.nn.functional.normalize(head.weight)).clamp(-1, 1)
+    theirs = torch.nn.functional.cross_entropy(64.0 * (logits - 0.4 * torch.nn.functional.one_hot(labels, 50)),
+                                               labels)
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(ours, (emb, head.weight)), torch.autograd.grad(theirs, (emb, head.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+
+
 def test_serfiq_score_rewards_agreeing_passes():
     from ree.models.ree_model import serfiq_score
 

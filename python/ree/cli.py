@@ -64,6 +64,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=float, nargs="+", metavar="FRACTION", **kwargs)
         elif kind == Optional[int]:
             group.add_argument(flag, type=_optional_int, metavar="INT|none", **kwargs)
+        elif kind == Optional[str]:
+            group.add_argument(flag, type=str, **kwargs)
         else:
             group.add_argument(flag, type=kind, choices=_CHOICES.get(f.name), **kwargs)
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train REE (or the ArcFace baseline with --method arcface)")
     train.add_argument("--config", type=Path, help="a TrainConfig JSON file (flags override it)")
+    train.add_argument("--insightface-config", type=Path, metavar="FILE",
+                       help="an insightface arcface_torch config (configs/*.py), read without running it (flags "
+                            "override it; docs/pretrained.md)")
     train.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                        help="continue a run bitwise; without a path, <output-dir>/last.pt")
     train.add_argument("--nproc", type=_process_count, metavar="N",
@@ -134,10 +139,25 @@ def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
         base = dict(load(args.resume, required=("config",))["config"])
     try:
+        base.update(_pretrained_fields(args, overrides))
         return TrainConfig.from_dict({**base, **overrides})
     except (TypeError, ValueError) as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+def _pretrained_fields(args: argparse.Namespace, overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields an --insightface-config file and an --init backbone set (flags override them)."""
+    from .distributed import launched_world
+    from .insightface_config import train_fields
+    from .pretrained import model_fields
+
+    fields: Dict[str, Any] = {}
+    if args.insightface_config is not None:  # its batch_size is per process
+        fields.update(train_fields(args.insightface_config, args.nproc or launched_world() or 1))
+    if overrides.get("init") is not None:
+        fields.update(model_fields(overrides["init"]))
+    return fields
 
 
 def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .losses import DIVERSION_TARGETS, METHODS
-from .models.iresnet import BACKBONES
-from .models.ree_model import PRM_INPUTS, ModelConfig
+from .models.ree_model import ARCHS, PRM_INPUTS, ModelConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
@@ -17,7 +16,7 @@ AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CHOICES = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "device": DEVICES,
-           "arch": tuple(BACKBONES)}
+           "arch": ARCHS}
 """The allowed values of TrainConfig's fields that take one of a few names."""
 
 RESUME_MUTABLE = frozenset({"output_dir", "progress", "tensorboard", "log_every", "save_every", "workers"})
@@ -51,7 +50,13 @@ class TrainConfig:
     `batch_size` is the global batch: with N processes each takes batch_size / N images (and
     uis_per_batch / N UIs), so a run's numbers and its learning rate do not depend on N.
     `sync_bn` takes the BatchNorm statistics over all processes' rows (per process by default,
-    as insightface's arcface_torch does; no effect in one process)."""
+    as insightface's arcface_torch does; no effect in one process).
+
+    `init` starts the backbone and the embedding layer from pretrained weights (`ree.pretrained`:
+    "sface", an SFace .onnx file, or an insightface arcface_torch `backbone.pth`); `arch` must be
+    the backbone's ("sface" for SFace; `ree train --init` sets it from the file). The PRM, the
+    PAM and the class prototypes start new. `sample_rate` is PartialFC's fraction of classes per
+    step (arcface_torch's configs); only 1.0 (every class) is trained today."""
 
     # data
     data: str = "synthetic"
@@ -59,6 +64,7 @@ class TrainConfig:
     cache_dir: str = "runs/cache"
     output_dir: str = "runs/train"
     # model
+    init: Optional[str] = None
     arch: str = "small"
     input_size: Optional[int] = None
     embedding_size: Optional[int] = None
@@ -70,6 +76,7 @@ class TrainConfig:
     scale: float = 64.0
     margin: float = 0.5
     margin_mode: str = "arcface"
+    sample_rate: float = 1.0
     ri_form: str = "sum"
     tau: float = 0.1
     beta: float = 0.75
@@ -121,6 +128,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.init is not None:
+            if not isinstance(self.init, str) or not self.init:
+                raise ValueError(f"init must be 'sface' or the path of a pretrained backbone, got {self.init!r}")
+            if (self.init == "sface" or self.init.lower().endswith(".onnx")) and self.arch != "sface":
+                raise ValueError(f"init {self.init!r} (SFace) needs arch 'sface', got {self.arch!r}")
+        if not _finite(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {self.sample_rate!r}")
+        if self.sample_rate < 1.0:
+            raise ValueError(f"sample_rate={self.sample_rate}: PartialFC's class sampling (sample_rate < 1) is not "
+                             f"supported by the head yet; use sample_rate=1.0 (every class each step)")
         if self.seed >= 2 ** 32:
             raise ValueError(f"seed must be below 2**32 (it seeds the prototype init), got {self.seed}")
         for name in ("lr", "scale", "beta"):

@@ -38,6 +38,7 @@ from .distributed import Ranks
 from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
 from .models.ree_model import REEModel
+from .pretrained import load_pretrained
 from .sampler import EpochBatchSampler
 from .schedule import WarmupSchedule
 
@@ -72,6 +73,8 @@ class Trainer:
         self.class_names = class_names(self.dataset)
         self._seed_everything(config.seed)  # after the data, whose loading may draw random numbers
         model = REEModel(config.model_config())
+        if config.init is not None and resume is None:  # a resumed run's checkpoint holds the weights
+            load_pretrained(model, config.init)
         if config.sync_bn and self.ranks.world > 1:
             model = distributed.convert_sync_batchnorm(model, self.device, self.ranks.group)
         # channels_last: measured faster for these convolutions on the CPU (mkldnn), and the

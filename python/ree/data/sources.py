@@ -29,7 +29,7 @@ def build_dataset(config: Any) -> Any:
         from .lfw import find_lfw, load_crops
 
         split = "test" if config.data == "lfw" else config.data[len("lfw-"):]
-        if split not in SPLITS or split == "test":
+        if split not in SPLITS or config.data == "lfw-test":
             raise ValueError(f"data {config.data!r}: the LFW training sets are 'lfw' (the test split's), "
                              f"{', '.join(repr('lfw-' + s) for s in SPLITS if s != 'test')}")
         source = find_lfw()

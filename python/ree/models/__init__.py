@@ -1,10 +1,13 @@
-"""Models: the iResNet backbones, the embedding head, PRM, PAM, `ArcFaceHead` and `REEModel`."""
+"""Models: the iResNet and SFace backbones, the embedding head, PRM, PAM, `ArcFaceHead` and
+`REEModel` (pretrained weights: `sface`, `arcface_torch`, and `ree.pretrained`)."""
 from .arcface import ArcFaceHead
 from .heads import PAM, PRM, EmbeddingHead
 from .iresnet import BACKBONES, BackboneConfig, IResNet, backbone_config
-from .ree_model import Inference, ModelConfig, ModelOutput, REEModel, embed
+from .ree_model import ARCHS, Inference, ModelConfig, ModelOutput, REEModel, embed
+from .sface import SFaceBackbone
 
 __all__ = [
+    "ARCHS",
     "BACKBONES",
     "PAM",
     "PRM",
@@ -16,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "REEModel",
+    "SFaceBackbone",
     "backbone_config",
     "embed",
 ]

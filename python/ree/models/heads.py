@@ -9,14 +9,16 @@ from .iresnet import BN_EPS
 
 class EmbeddingHead(nn.Module):
     """Feature map [B, C, h, w] -> embedding v [B, D]: BN2d, dropout, FC over the flattened
-    map, BN1d (insightface's iResNet output layer, whose BN1d scale is fixed at 1)."""
+    map, BN1d (insightface's iResNet output layer, whose BN1d scale is fixed at 1: a loaded
+    pretrained scale stays as loaded). `eps`: both BatchNorms' epsilon (SFace's is 2e-5)."""
 
-    def __init__(self, channels: int, feature_size: int, embedding_size: int, dropout: float = 0.0) -> None:
+    def __init__(self, channels: int, feature_size: int, embedding_size: int, dropout: float = 0.0,
+                 eps: float = BN_EPS) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.norm = nn.BatchNorm2d(channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * feature_size * feature_size, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS)
+        self.features = nn.BatchNorm1d(embedding_size, eps=eps)
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad_(False)
 

@@ -7,8 +7,13 @@ from typing import Any, Dict, NamedTuple, Optional
 import torch
 from torch import nn
 
+from . import sface
 from .heads import PAM, PRM, EmbeddingHead
 from .iresnet import BACKBONES, IResNet, backbone_config
+
+ARCHS = (*BACKBONES, "sface")
+"""Every backbone `ModelConfig.arch` names: the iResNet layouts (`BACKBONES`) and SFace
+(`ree.models.sface`, 112 × 112 input, 1024 × 7 × 7 feature map, 128-d embedding by default)."""
 
 PRM_INPUTS = ("embedding", "normalized")
 """What the PRM reads: the embedding v, or v̂ = v / ‖v‖ (no access to the feature norm)."""
@@ -18,10 +23,11 @@ PRM_INPUTS = ("embedding", "normalized")
 class ModelConfig:
     """What `REEModel` is built from (saved in checkpoints, so a checkpoint rebuilds its model).
 
-    `input_size` None means the arch's own (32 for "small", 112 for the iResNets);
-    `embedding_size` None means 512, or 128 for "small" (its last stage has 128 channels and
-    a 512-d embedding only slows it on a CPU). `prm_input` is what the PRM reads: the embedding
-    v ("embedding", docs/spec.md §1.5) or v̂ = v/‖v‖ ("normalized", which hides the feature norm)."""
+    `input_size` None means the arch's own (32 for "small", 112 for the iResNets and SFace,
+    whose only size it is); `embedding_size` None means 512, or 128 for "small" (its last stage
+    has 128 channels and a 512-d embedding only slows it on a CPU) and "sface" (its own).
+    `prm_input` is what the PRM reads: the embedding v ("embedding", docs/spec.md §1.5) or
+    v̂ = v/‖v‖ ("normalized", which hides the feature norm)."""
 
     arch: str = "small"
     input_size: Optional[int] = None
@@ -32,9 +38,14 @@ class ModelConfig:
     pam_reduction: int = 16
 
     def __post_init__(self) -> None:
-        if self.arch not in BACKBONES:
-            raise ValueError(f"arch must be one of {tuple(BACKBONES)}, got {self.arch!r}")
-        backbone_config(self.arch, self.input_size)  # validates input_size
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "sface":
+            if self.input_size not in (None, sface.INPUT_SIZE):
+                raise ValueError(f"input_size must be {sface.INPUT_SIZE} (or None) for arch 'sface', got "
+                                 f"{self.input_size!r}")
+        else:
+            backbone_config(self.arch, self.input_size)  # validates input_size
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size <= 0):
             raise ValueError(f"embedding_size must be a positive int, got {self.embedding_size!r}")
         for name in ("dropout", "prm_dropout"):
@@ -47,13 +58,15 @@ class ModelConfig:
 
     @property
     def resolved_input_size(self) -> int:
+        if self.arch == "sface":
+            return sface.INPUT_SIZE
         return backbone_config(self.arch, self.input_size).input_size
 
     @property
     def resolved_embedding_size(self) -> int:
         if self.embedding_size is not None:
             return self.embedding_size
-        return 128 if self.arch == "small" else 512
+        return 128 if self.arch in ("small", "sface") else 512
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -75,16 +88,22 @@ class REEModel(nn.Module):
     def __init__(self, config: ModelConfig = ModelConfig()) -> None:
         super().__init__()
         self.config = config
-        layout = backbone_config(config.arch, config.input_size)
         dim = config.resolved_embedding_size
-        self.backbone = IResNet(layout)
-        self.head = EmbeddingHead(layout.feature_channels, layout.feature_size, dim, config.dropout)
+        if config.arch == "sface":
+            self.backbone: nn.Module = sface.SFaceBackbone()
+            channels = sface.FEATURE_CHANNELS
+            self.head = EmbeddingHead(channels, sface.FEATURE_SIZE, dim, config.dropout, eps=sface.HEAD_BN_EPS)
+        else:
+            layout = backbone_config(config.arch, config.input_size)
+            self.backbone = IResNet(layout)
+            channels = layout.feature_channels
+            self.head = EmbeddingHead(channels, layout.feature_size, dim, config.dropout)
         self.prm = PRM(dim, config.prm_dropout)
-        self.pam = PAM(layout.feature_channels, dim, reduction=config.pam_reduction)
+        self.pam = PAM(channels, dim, reduction=config.pam_reduction)
 
     @property
     def input_size(self) -> int:
-        return self.backbone.config.input_size
+        return self.config.resolved_input_size
 
     @property
     def embedding_size(self) -> int:
