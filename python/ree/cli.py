@@ -227,9 +227,10 @@ alone (not on the batch or the folder).
 CSV columns (one row per image):
   path          the image, relative to --images (its name's bytes as stored)
   xi_hat        REE checkpoints: the predicted recognizability index ξ̂ (the PRM output); higher is
-                better; unbounded, trained on [R] RI targets in about [-1, 4] (docs/spec.md §1.4)
+                better; unbounded, regressed on [R] RI targets in [-2, 4] (the default form "sum",
+                docs/spec.md §1.4)
   cr_fiqa       CR-FIQA checkpoints: the regressed certainty ratio (Boutros et al., CVPR 2023);
-                higher is better; unbounded, trained on targets in about [-1, 1]
+                higher is better; unbounded (targets cos_pos / (cos_neg + 1 + ε), mostly within [-1, 1])
   feature_norm  ‖v‖ of the unnormalised embedding, read as quality as MagFace does; higher is
                 better; in (0, ∞), its scale set by the checkpoint
   ser_fiq       SER-FIQ (Terhörst et al., CVPR 2020): agreement of {SERFIQ_PASSES} embeddings with dropout on in
