@@ -73,7 +73,8 @@ def register(op_name: str, setup_context: Callable, backward: Callable) -> None:
 
 def call(op: Callable, *args):
     """Runs the kernel op `op` (a torch.ops.ree packet) on positional `args`: through its
-    autograd.Function while a torch.func transform is active, else the op itself."""
-    if transform_active():
+    autograd.Function while a torch.func transform is active in eager mode, else the op itself
+    (torch.compile traces the op's own registration, and cannot trace a Function with `jvp`)."""
+    if transform_active() and not torch.compiler.is_compiling():
         return _FUNCTIONS[op._qualified_op_name].apply(*args)
     return op(*args)
