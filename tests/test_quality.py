@@ -116,3 +116,19 @@ def test_framing_warnings():
     wide = [Crop(np.empty(0), (100, 64), c.grey) for c in framed[:1]]
     assert framing_warnings(["wide.png"], wide) == ["wide.png: 100 × 64 px is not square; the crop is stretched "
                                                     "to a square face"]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_by_name(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "a.png").write_bytes(b"")
+    listing = os.scandir
+
+    def scandir(path):
+        if path.endswith(b"locked"):
+            raise PermissionError(13, "Permission denied")
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scan_folder(tmp_path)
+    assert scan.images == [b"a.png"]
+    assert scan.unlisted == ["locked: cannot be listed (PermissionError: Permission denied)"]

@@ -43,11 +43,13 @@ MAX_ASPECT = 1.1
 @dataclass
 class FolderScan:
     """What `scan_folder` found: image files (paths relative to the root, as bytes), the number
-    of other files skipped, and the linked folders not scanned again (as bytes)."""
+    of other files skipped, the linked folders not scanned again (as bytes), and the folders
+    that could not be listed (name: reason)."""
 
     images: List[bytes] = field(default_factory=list)
     skipped: int = 0
     repeated_folders: List[bytes] = field(default_factory=list)
+    unlisted: List[str] = field(default_factory=list)
 
 
 def scan_folder(root: Path) -> FolderScan:
@@ -64,14 +66,19 @@ def scan_folder(root: Path) -> FolderScan:
             scan.repeated_folders.append(os.path.relpath(folder, root_bytes))
             continue
         seen.add((info.st_dev, info.st_ino))
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=True):
-                    pending.append(entry.path)
-                elif entry.name.lower().endswith(tuple(e.encode() for e in IMAGE_EXTENSIONS)):
-                    scan.images.append(os.path.relpath(entry.path, root_bytes))
-                else:
-                    scan.skipped += 1
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            scan.unlisted.append(f"{display_name(os.path.relpath(folder, root_bytes))}: cannot be listed "
+                                 f"({type(err).__name__}: {err.strerror})")
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                pending.append(entry.path)
+            elif entry.name.lower().endswith(tuple(e.encode() for e in IMAGE_EXTENSIONS)):
+                scan.images.append(os.path.relpath(entry.path, root_bytes))
+            else:
+                scan.skipped += 1
     scan.images.sort()
     scan.repeated_folders.sort()
     return scan
@@ -139,8 +146,8 @@ def framing_warnings(names: Sequence[str], crops: Sequence[Crop]) -> List[str]:
 
 @dataclass
 class QualityRun:
-    """What `score_folder` did: rows written, files skipped, images that failed (name: reason),
-    linked folders not scanned again, framing warnings."""
+    """What `score_folder` did: rows written, files skipped, images and folders that could not
+    be read (name: reason), linked folders not scanned again, framing warnings."""
 
     scored: int
     skipped: int
@@ -152,7 +159,7 @@ class QualityRun:
         lines = [f"scored {self.scored} images; skipped {self.skipped} files that are not images "
                  f"(extensions: {' '.join(IMAGE_EXTENSIONS)})"]
         if self.failed:
-            lines.append(f"{len(self.failed)} image files could not be read:")
+            lines.append(f"{len(self.failed)} image files or folders could not be read:")
             lines += [f"  {reason}" for reason in self.failed]
         if self.repeated_folders:
             lines.append("linked folders not scanned again (a link loop, or a folder already scanned):")
@@ -196,8 +203,8 @@ def score_folder(root: Path, output: Path, header: Sequence[str], scorer: Scorer
                 out.writerow([name, *(f"{v:.6f}" for v in row)])
             names += batch_names
             crops += [Crop(np.empty(0), c.size, c.grey) for c in batch_crops]  # the pixels are done with
-    return QualityRun(len(names), scan.skipped, failed, [display_name(p) for p in scan.repeated_folders],
-                      framing_warnings(names, crops))
+    return QualityRun(len(names), scan.skipped, scan.unlisted + failed,
+                      [display_name(p) for p in scan.repeated_folders], framing_warnings(names, crops))
 
 
 def csv_header(method: str, with_ers: bool) -> List[str]:
