@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import reference
+from . import functorch, reference
 from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
 from .head import refuse_double_backward
 from .reference import AuxOutput, stat_dtype
@@ -40,9 +40,11 @@ def register_aux_op(prefix: str) -> None:
         ctx.mark_non_differentiable(*output[3:])  # the gradients computed in the forward
         ctx.dtypes = (ri_pred.dtype, None if attn is None else attn.dtype)
         ctx.num_inputs = len(inputs)
+        ctx.differentiated = functorch.requires_second_derivative(*(x for x in (ri_pred, attn) if x is not None))
+        ctx.backend = functorch.backend_of(name, ri_pred.device)
 
     def backward(ctx, grad_l1, grad_id, grad_mse, *_):
-        refuse_double_backward(name)
+        refuse_double_backward(name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
         d_l1, d_id, d_attn = ctx.saved_tensors
         ri_dtype, attn_dtype = ctx.dtypes
         grad_ri = (grad_l1 * d_l1 + grad_id * d_id).to(ri_dtype)
@@ -53,6 +55,7 @@ def register_aux_op(prefix: str) -> None:
 
     torch.library.register_fake(name)(_aux_forward_fake)
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+    functorch.register(name, setup_context, backward)
 
 
 if EXTENSION_ERROR is None:
@@ -116,8 +119,9 @@ def ree_aux_loss(
     def contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.detach().contiguous()
 
-    l1, idl, mse, *_ = kernel_op(chosen, "aux_forward")(
-        ri_pred.contiguous(), contiguous(ri_target), mu.detach(), None if attn is None else attn.contiguous(),
+    l1, idl, mse, *_ = functorch.call(
+        kernel_op(chosen, "aux_forward"), ri_pred.contiguous(), contiguous(ri_target), mu.detach(),
+        None if attn is None else attn.contiguous(),
         contiguous(embeddings) if attn is not None else None, contiguous(ui_center) if attn is not None else None,
         contiguous(recognizable), float(tau), float(beta),
     )

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import functorch, reference
 from .backends import DESCRIPTIONS, EXTENSION_ERROR, chunk_size_for, kernel_op, resolve_backend
 from .reference import IGNORE_INDEX, HeadOutput, stat_dtype
 from .validation import validate_head_inputs, validate_kernel_options
@@ -64,20 +64,27 @@ def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, ma
 def refuse_double_backward(
     op: str,
     alternative: str = "use backend='reference', whose eager PyTorch differentiates any number of times",
+    inputs_require_grad: bool = True,
+    backend: Optional[str] = None,
 ) -> None:
     """Raises inside a backward run with create_graph=True (the only time a backward runs with
     grad mode on), before a kernel computes a gradient that autograd could not differentiate
     again: without this, a gradient penalty would silently add nothing (the saved gradients of
     `head_forward_with_grad` are constants) or fail inside the kernel.
 
+    torch.func.grad always runs its backward with create_graph=True, to compose with outer
+    transforms; `inputs_require_grad` (`functorch.requires_second_derivative` of the op's
+    inputs) tells a second derivative (create_graph=True, grad of grad) from a first one.
+
     Raises:
         RuntimeError: naming the op, with `alternative` (what does differentiate twice).
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and inputs_require_grad:
+        which = "" if backend is None else f" (backend={backend!r})"
         raise RuntimeError(
-            f"{op} can be differentiated once only: its backward is a fused kernel, so a backward with "
-            f"create_graph=True (a gradient penalty, a Hessian-vector product) cannot go through it; "
-            f"{alternative}")
+            f"{op} can be differentiated once only{which}: its backward is a fused kernel, so a backward "
+            f"with create_graph=True (a gradient penalty, a Hessian-vector product, torch.func.grad of "
+            f"grad) cannot go through it; {alternative}")
 
 
 def _graph_is_kept() -> bool:
@@ -93,7 +100,17 @@ def _may_scale_in_place(*saved: torch.Tensor) -> bool:
     FakeTensor) must not mutate values that are also outputs of the forward graph, and with
     retain_graph=True they must survive for the next backward."""
     return (all(type(t) is torch.Tensor for t in saved) and not torch.compiler.is_compiling()
-            and not _graph_is_kept())
+            and not functorch.transform_active() and not _graph_is_kept())
+
+
+def _scaled(grad: torch.Tensor, grad_out: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """grad · grad_out, multiplied in at least float32 and rounded once to grad's dtype: an
+    upstream gradient that fits in float32 (GradScaler's 2^16) must not overflow a float16
+    factor inside the op."""
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        return (grad.float() * grad_out.float()).to(grad.dtype)
+    factor = grad_out.to(grad.dtype)
+    return grad.mul_(factor) if in_place else grad * factor
 
 
 def register_head_ops(prefix: str) -> None:
@@ -108,16 +125,23 @@ def register_head_ops(prefix: str) -> None:
         ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
         ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(*output[1:])  # the statistics
+        ctx.differentiated = functorch.requires_second_derivative(embeddings, prototypes)
+        ctx.backend = functorch.backend_of(forward_name, embeddings.device)
 
     def backward_forward(ctx, grad_loss_rows, *_):
-        refuse_double_backward(forward_name)
+        refuse_double_backward(forward_name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
         embeddings, prototypes, labels, lse = ctx.saved_tensors
-        grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
-                                     grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
+        # Grad mode is on here only where nothing differentiates the result (torch.func.grad's
+        # backward, refused above otherwise): the backward op must not record a graph there.
+        with torch.no_grad():
+            grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
+                                         grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
         return (grad_e, grad_w) + (None,) * (ctx.num_inputs - 2)
 
     def setup_with_grad(ctx, inputs, output):
         ctx.save_for_backward(output[6], output[7])
+        ctx.differentiated = functorch.requires_second_derivative(*inputs[:2])
+        ctx.backend = functorch.backend_of(with_grad_name, inputs[0].device)
         ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(*output[1:])  # the statistics and the saved gradients
         # Only `loss` gets a gradient: materialising zeros for the others would allocate a C × D tensor.
@@ -126,22 +150,21 @@ def register_head_ops(prefix: str) -> None:
     def backward_with_grad(ctx, grad_loss, *_):
         if grad_loss is None:  # the loss got no gradient (grads are not materialised)
             return (None,) * ctx.num_inputs
-        refuse_double_backward(with_grad_name)
+        refuse_double_backward(with_grad_name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
         grad_e, grad_w = ctx.saved_tensors
-        scale_e, scale_w = grad_loss.to(grad_e.dtype), grad_loss.to(grad_w.dtype)
-        if _may_scale_in_place(grad_e, grad_w):
-            # Their last use: scaling in place keeps a single C × D gradient at the peak.
-            grads = (grad_e.mul_(scale_e), grad_w.mul_(scale_w))
-        else:
-            grads = (grad_e * scale_e, grad_w * scale_w)
+        # At their last use, scaling in place keeps a single C × D gradient at the peak.
+        in_place = _may_scale_in_place(grad_e, grad_w)
+        grads = (_scaled(grad_e, grad_loss, in_place), _scaled(grad_w, grad_loss, in_place))
         return grads + (None,) * (ctx.num_inputs - 2)
 
     torch.library.register_fake(forward_name)(_head_forward_fake)
     torch.library.register_fake(f"ree::{prefix}head_backward")(_head_backward_fake)
     torch.library.register_autograd(forward_name, backward_forward, setup_context=setup_forward)
+    functorch.register(forward_name, setup_forward, backward_forward)
     if hasattr(torch.ops.ree, f"{prefix}head_forward_with_grad"):  # only GRAD_IN_FORWARD backends need it
         torch.library.register_fake(with_grad_name)(_head_forward_with_grad_fake)
         torch.library.register_autograd(with_grad_name, backward_with_grad, setup_context=setup_with_grad)
+        functorch.register(with_grad_name, setup_with_grad, backward_with_grad)
 
 
 if EXTENSION_ERROR is None:
@@ -234,12 +257,16 @@ def arcface_head(
                    ui_center, ri_form)
         coef = reference.loss_coefficients(
             labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
-        if reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes):
-            loss, _, cos_pos, cos_neg, neg_index, lse, _, _, cos_ui, ri = kernel_op(chosen, "head_forward_with_grad")(
-                embeddings_c, prototypes_c, labels_c, coef.contiguous(), *options)
+        if (reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes)
+                and embeddings.dtype == coef.dtype):
+            # Not for half inputs: their gradients would be computed unscaled and stored in half,
+            # where a loss scaler's small gradients underflow; the backward op scales first.
+            loss, _, cos_pos, cos_neg, neg_index, lse, _, _, cos_ui, ri = functorch.call(
+                kernel_op(chosen, "head_forward_with_grad"), embeddings_c, prototypes_c, labels_c,
+                coef.contiguous(), *options)
         else:
-            loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri = kernel_op(chosen, "head_forward")(
-                embeddings_c, prototypes_c, labels_c, *options)
+            loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri = functorch.call(
+                kernel_op(chosen, "head_forward"), embeddings_c, prototypes_c, labels_c, *options)
             loss = reference.reduce_rows(loss_rows, coef, reduction)
         out = HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse)
     if differentiable_stats:

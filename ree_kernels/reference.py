@@ -186,7 +186,10 @@ def arcface_logits(
     label is `ignore_index` or outside [0, C) has no target column: plain s·cos everywhere."""
     sdt = stat_dtype(embeddings.dtype)
     num_classes = prototypes.shape[0]
-    cos = F.linear(normalize(embeddings), normalize(prototypes)).to(sdt).clamp(-1.0, 1.0)
+    # In the statistics dtype (float32 for half inputs), as the kernels compute: the gradient of
+    # a cosine is s·(p − y) times the upstream gradient, which a loss scaler's 2^16 would take
+    # past float16's range inside a float16 product's backward.
+    cos = F.linear(normalize(embeddings.to(sdt)), normalize(prototypes.to(sdt))).clamp(-1.0, 1.0)
     has_target = (labels >= 0) & (labels < num_classes) & (labels != ignore_index)
     # A comparison rather than F.one_hot, which reads the labels' range back to the host on the CPU.
     target = (labels[:, None] == torch.arange(num_classes, device=labels.device)) & has_target[:, None]

@@ -84,9 +84,19 @@ def label_range_message(num_classes: int, ignore_index: int, found: object) -> s
     return f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; found {found}"
 
 
+def _underlying(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func's wrappers (vmap's BatchedTensor, grad's wrapper): under
+    vmap it holds the labels of every slice, and reading it back is not data-dependent control
+    flow inside the transform, which `bool()` on the wrapper is (torch refuses it)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return x
+
+
 def _check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     if torch.compiler.is_compiling():
         return  # no check inside a graph: the kernels poison the row's loss with NaN
+    labels = _underlying(labels)
     bad = bad_labels(labels, num_classes, ignore_index)
     if labels_checked_on_device(labels.device):
         # Fails at the next synchronisation, never waits; the value is not known without a read.

@@ -184,7 +184,15 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
   // rounded scale would tilt them, and the radial part of the gradient would no longer cancel).
   const auto [row_mantissa, row_exponent] = at::frexp(row_coef * inv_rows * scale);
   const Tensor row_power = at::ldexp(at::ones_like(row_mantissa), row_exponent);
-  const Tensor scaled_rows = (in.embeddings.to(at::kFloat) * row_power.unsqueeze(1)).to(in.embeddings.scalar_type());
+  // Float16 rows are scaled by row_power / 2^k instead, k ≥ 0 the least that keeps them below
+  // 2^15 (a loss scaler's 2^16 in row_grad would otherwise overflow them although the gradients
+  // fit); the float32 products get 2^k back. Powers of two: exact. No host read.
+  const Tensor class_shift = in.type == ElemType::Float16
+      ? at::ldexp(at::ones({}, float_opts),
+                  (std::get<1>(at::frexp((row_power / inv_rows).max())) - 15).clamp_min(0))
+      : Tensor();
+  const Tensor row_factor = class_shift.defined() ? row_power / class_shift : row_power;
+  const Tensor scaled_rows = (in.embeddings.to(at::kFloat) * row_factor.unsqueeze(1)).to(in.embeddings.scalar_type());
   Tensor grad_embeddings = at::empty({in.batch, in.dim}, in.embeddings.options());
   Tensor grad_prototypes = at::empty({in.classes, in.dim}, in.prototypes.options());
   // q accumulates Σ_chunks G · W_chunk in float32, in chunk order (deterministic, no atomics).
@@ -211,6 +219,7 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
     // The chunk's prototype gradients, complete once the normalisation backward has run.
     Tensor class_grad = class_workspace.narrow(0, 0, n * in.dim).view({n, in.dim});
     mm_float(grad.t(), scaled_rows, class_grad);
+    if (class_shift.defined()) class_grad.mul_(class_shift);
     check_launch(normalize_backward(class_grad.const_data_ptr<float>(), nullptr, chunk.const_data_ptr(), in.type, n,
                                     in.dim, grad_prototypes.narrow(0, begin, n).mutable_data_ptr(), stream),
                  "normalize_backward");

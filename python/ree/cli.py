@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -101,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, description=QUALITY_COLUMNS)
     quality.add_argument("--checkpoint", type=Path, required=True)
     quality.add_argument("--images", type=Path, required=True,
-                         help="folder searched recursively for images (any size, RGB or grayscale; each is resized "
-                              "to the model input)")
+                         help="folder searched recursively (linked folders too) for face crops framed as below")
     quality.add_argument("--output", type=Path, required=True, help="CSV file to write")
     quality.add_argument("--batch-size", type=int, default=256)
     quality.add_argument("--device", choices=DEVICES, default="auto")
@@ -235,58 +233,53 @@ def _command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def image_paths(folder: Path) -> List[Path]:
-    """Image files under `folder`, recursively, sorted."""
-    from .data.folders import IMAGE_EXTENSIONS
+QUALITY_COLUMNS = f"""Expected input: face crops framed as the LFW-VLR face square (docs/lfw.md, "Finding the face"):
+the face fills a square from the eyebrows' top to below the chin, eyes about 44 % down, centred;
+on a 250 × 250 LFW image, rows 0.208-0.728 and columns 0.240-0.760. Any size (each is resized to
+the model input; 8-250 px is what the models trained on), RGB or grayscale, read upright (EXIF
+orientation applied). Crops far from square and folders whose mean face is off-centre or has its
+eyes away from 44 % are warned about: the scores change with the framing.
 
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+Every file under --images is looked at (linked folders followed once): images are scored or
+reported by name in the summary, other files are skipped and counted. A row depends on its image
+alone (not on the batch or the folder).
 
-
-QUALITY_COLUMNS = f"""CSV columns (one row per image; for every score, higher means better quality):
-  path          the image, relative to --images
-  xi_hat        REE checkpoints: the predicted recognizability index ξ̂ (the PRM output)
-  cr_fiqa       CR-FIQA checkpoints: the regressed certainty ratio (Boutros et al., CVPR 2023)
-  feature_norm  ‖v‖ of the unnormalised embedding, read as quality as MagFace does
-  ser_fiq       SER-FIQ: agreement of {SERFIQ_PASSES} embeddings with dropout on in the embedding layer, in (0, 1]
-                (Terhörst et al., CVPR 2020)
-  ers           REE checkpoints: 1 − cos to the centre of the unrecognizable instances (in [0, 2])
+CSV columns (one row per image):
+  path          the image, relative to --images (its name's bytes as stored)
+  xi_hat        REE checkpoints: the predicted recognizability index ξ̂ (the PRM output); higher is
+                better; unbounded, regressed on [R] RI targets in [-2, 4] (the default form "sum",
+                docs/spec.md §1.4)
+  cr_fiqa       CR-FIQA checkpoints: the regressed certainty ratio (Boutros et al., CVPR 2023);
+                higher is better; unbounded (targets cos_pos / (cos_neg + 1 + ε), mostly within [-1, 1])
+  feature_norm  ‖v‖ of the unnormalised embedding, read as quality as MagFace does; higher is
+                better; in (0, ∞), its scale set by the checkpoint
+  ser_fiq       SER-FIQ (Terhörst et al., CVPR 2020): agreement of {SERFIQ_PASSES} embeddings with dropout on in
+                the embedding layer, in (0, 1]; higher is meant as better, but on our small LFW-trained
+                models it ranks resolution backwards (README, "Quality scores of your own crops")
+  ers           REE checkpoints: 1 − cos to the centre of the unrecognizable instances, in [0, 2];
+                higher is better
 """
 
 
 def _command_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .checkpoint import load_model
-    from .data.folders import load_images
     from .devices import resolve_device
-    from .models.ree_model import embed, ers_score
+    from .quality import csv_header, model_scorer, score_folder
 
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a directory")
     if args.batch_size <= 0:
         parser.error("--batch-size must be positive")
-    paths = image_paths(args.images)
-    if not paths:
-        parser.error(f"--images {args.images} holds no image files")
     device = resolve_device(args.device)
     trained = load_model(args.checkpoint, device)
     method = trained.config.method
-    head = {"ree": ["xi_hat"], "crfiqa": ["cr_fiqa"]}.get(method, [])
-    with_ers = trained.ui_center is not None
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["path"] + head + ["feature_norm", "ser_fiq"] + (["ers"] if with_ers else []))
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start:start + args.batch_size]
-            images = load_images([str(p) for p in chunk], trained.model.input_size)
-            scores = embed(trained.model, images, flip=False, serfiq_passes=SERFIQ_PASSES)
-            ers = ers_score(scores.plain, trained.ui_center) if with_ers else None
-            for k, path in enumerate(chunk):
-                row = [str(path.relative_to(args.images))]
-                row += [f"{float(scores.quality[k]):.6f}"] * len(head)
-                row += [f"{float(scores.norm[k]):.6f}", f"{float(scores.serfiq[k]):.6f}"]
-                row += [f"{float(ers[k]):.6f}"] if ers is not None else []
-                out.writerow(row)
-    print(f"scored {len(paths)} images -> {args.output}")
+    header = csv_header(method, trained.ui_center is not None)
+    scorer = model_scorer(trained.model, method, trained.ui_center, SERFIQ_PASSES)
+    run = score_folder(args.images, args.output, header, scorer, trained.model.input_size, args.batch_size)
+    print(run.summary(), file=sys.stderr if run.failed or run.warnings else sys.stdout)
+    if run.scored == 0:
+        parser.error(f"--images {args.images} holds no readable image files")
+    print(f"wrote {run.scored} rows -> {args.output}")
     return 0
 
 

@@ -77,6 +77,15 @@ def _squared_norms(x: torch.Tensor, ui: Optional[torch.Tensor] = None,
     return out
 
 
+def _float16_headroom(row_grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """A power of two (a float32 device scalar, at least 1: no host read) that brings the row
+    factors row_grad·s of the float16 dot operands G = row_grad·s·(p − y) down to at most 2^10.
+    A loss scaler's 2^16 would otherwise overflow G (float16's maximum is 65504) although the
+    gradients themselves fit; dividing by it and multiplying the float32 results back is exact."""
+    _, exponent = torch.frexp(row_grad.abs().amax() * scale)
+    return torch.ldexp(torch.ones((), device=row_grad.device), (exponent - 10).clamp_min(0))
+
+
 def margin_args(margin: float, margin_mode: str) -> Dict[str, float]:
     """The margin's kernel arguments: reference.margin_constants and the MODE constexpr."""
     if margin_mode not in MARGIN_MODE_IDS:
@@ -138,7 +147,12 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     margin_kw = margin_args(float(margin), margin_mode)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     lse = lse.to(torch.float32).contiguous()
-    row_grad = row_grad.to(torch.float32).contiguous()
+    row_grad = row_grad.to(torch.float32)
+    headroom = e.dtype == torch.float16
+    if headroom:
+        shift = _float16_headroom(row_grad, scale)
+        row_grad = row_grad / shift
+    row_grad = row_grad.contiguous()
     (batch, dim), classes = e.shape, w.shape[0]
     device = e.device
     e_sq, w_sq = _squared_norms(e), _squared_norms(w)
@@ -184,6 +198,8 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     if tiles_needed is not None and filtered:
         tiles_needed.append(needed[:, :triton.cdiv(classes, block_c)])
     grad_e = partial[0] if splits == 1 else partial.sum(0)  # a fixed order: deterministic
+    if headroom:  # the power of two back, in float32, before the one rounding to float16
+        grad_e, grad_w = grad_e * shift, (grad_w.float() * shift).to(grad_w.dtype)
     return grad_e.to(e.dtype), grad_w
 
 

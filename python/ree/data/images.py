@@ -18,8 +18,8 @@ Every Pillow mode decodes to the intensities it means:
 Images that are unreadable or truncated, "I"/"F" values outside their range, and a mode this
 list lacks (a future Pillow's) are refused with a ValueError naming the image. A truncated file
 is never accepted as a partial image, whatever `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` says: the
-image is decoded whole with that switch off. Multi-frame files give their first frame; EXIF
-orientation is not applied.
+image is decoded whole with that switch off. Multi-frame files give their first frame, upright
+as a viewer shows it: the EXIF orientation is applied (`PIL.ImageOps.exif_transpose`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
@@ -44,7 +44,8 @@ SUPPORTED_MODES = _CONVERTED + _ALPHA + _PREMULTIPLIED + tuple(_HIGH_DEPTH)
 
 def decode_image(source: ImageSource, name: Optional[str] = None) -> np.ndarray:
     """The pixels of an image file or of encoded image bytes, as uint8 RGB [H, W, 3] at the
-    image's own size (the module doc says how each Pillow mode maps to RGB).
+    image's own size, upright (its EXIF orientation applied; the module doc says how each
+    Pillow mode maps to RGB).
 
     Args:
         source: a path, or the bytes of an encoded image (PNG, JPEG, TIFF, ... as Pillow reads).
@@ -61,7 +62,7 @@ def decode_image(source: ImageSource, name: Optional[str] = None) -> np.ndarray:
     try:
         with _strict_decoding(), Image.open(io.BytesIO(bytes(source)) if is_bytes else source) as picture:
             picture.load()
-            return _to_rgb(picture, name)
+            return _to_rgb(ImageOps.exif_transpose(picture), name)
     except _Refused:
         raise
     except Exception as error:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, struct.error, ...) on bad data

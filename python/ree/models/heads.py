@@ -22,10 +22,12 @@ class EmbeddingHead(nn.Module):
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad_(False)
 
-    def forward(self, feature_map: torch.Tensor, dropout: float | None = None) -> torch.Tensor:
-        """`dropout` set: that rate, applied even in eval mode (SER-FIQ's stochastic passes)."""
+    def forward(self, feature_map: torch.Tensor, keep: torch.Tensor | None = None,
+                dropout: float = 0.0) -> torch.Tensor:
+        """`keep` set: [B, C, h, w] bool, the units a dropout at rate `dropout` keeps, applied
+        even in eval mode (SER-FIQ's stochastic passes, each image's mask drawn by the caller)."""
         x = self.norm(feature_map)
-        x = self.dropout(x) if dropout is None else nn.functional.dropout(x, dropout, training=True)
+        x = self.dropout(x) if keep is None else x * keep / (1.0 - dropout)
         return self.features(self.fc(torch.flatten(x, 1)))
 
 

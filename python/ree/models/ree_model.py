@@ -1,8 +1,9 @@
 """`REEModel`: backbone + embedding head + PRM + PAM, and the inference helpers."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -145,6 +146,19 @@ def serfiq_score(embeddings: torch.Tensor) -> torch.Tensor:
     return (2.0 * torch.sigmoid(-(2.0 / m ** 2) * distances)).float()
 
 
+def serfiq_keep(images: torch.Tensor, units: Tuple[int, ...], passes: int, dropout: float,
+                seed: int = 0) -> torch.Tensor:
+    """SER-FIQ's dropout masks, [passes, N, *units] bool (True: kept), drawn for each image from
+    a generator seeded by its pixels and `seed`: an image's masks, hence its score, do not
+    depend on the batch it comes in, its place there or the other images scored with it."""
+    masks = []
+    for image in images.detach().float().cpu():
+        digest = hashlib.sha256(image.contiguous().numpy().tobytes() + seed.to_bytes(8, "little", signed=True))
+        g = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+        masks.append(torch.rand((passes, *units), generator=g) >= dropout)
+    return torch.stack(masks, 1)
+
+
 def ers_score(plain: torch.Tensor, ui_center: torch.Tensor) -> torch.Tensor:
     """ERS = 1 − cos(v, ū): the cosine distance of unnormalised embeddings `plain` [..., D] to the
     UI centre ū [D] (the centre of the unrecognizable instances) -> [...], float32 on the CPU,
@@ -160,7 +174,8 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     embedding is the sum of the image's and its horizontal mirror's (insightface's flip
     fusion); the quality and the norm come from the image itself. `serfiq_passes` > 0 adds
     SER-FIQ from that many passes of the embedding layer with dropout on (the model's rate, or
-    SERFIQ_DROPOUT), its masks drawn from `seed`.
+    SERFIQ_DROPOUT), its masks drawn for each image from its pixels and `seed` (`serfiq_keep`):
+    every output row depends on its image alone, not on the batch.
 
     Raises:
         ValueError: images not [N, 3, H, W], or batch_size / serfiq_passes not positive ints.
@@ -177,20 +192,20 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     dropout = model.head.dropout.p or SERFIQ_DROPOUT
     parts: Dict[str, list] = {"embeddings": [], "plain": [], "quality": [], "serfiq": []}
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, images.shape[0], batch_size):
-                batch = images[start:start + batch_size].to(device)
-                out = model(batch)
-                emb = out.embedding.float()
-                parts["plain"].append(emb.cpu())
-                if flip:
-                    emb = emb + model(batch.flip(3)).embedding.float()
-                parts["embeddings"].append(emb.cpu())
-                parts["quality"].append(out.quality.float().cpu())
-                if serfiq_passes:
-                    passes = [model.head(out.feature_map, dropout=dropout) for _ in range(serfiq_passes)]
-                    parts["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size].to(device)
+            out = model(batch)
+            emb = out.embedding.float()
+            parts["plain"].append(emb.cpu())
+            if flip:
+                emb = emb + model(batch.flip(3)).embedding.float()
+            parts["embeddings"].append(emb.cpu())
+            parts["quality"].append(out.quality.float().cpu())
+            if serfiq_passes:
+                keep = serfiq_keep(batch, tuple(out.feature_map.shape[1:]), serfiq_passes, dropout,
+                                   seed).to(device)
+                passes = [model.head(out.feature_map, keep[k], dropout) for k in range(serfiq_passes)]
+                parts["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
     finally:
         model.train(was_training)
     if not parts["embeddings"]:
