@@ -56,18 +56,29 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """Runs `python -m ree <argv>` in `nproc` processes on this machine through
     torch.distributed.run (torchrun --standalone) and waits for them; their exit status.
     Without OMP_NUM_THREADS, each process gets the machine's cores divided by nproc (torchrun
-    would set 1)."""
+    would set 1).
+
+    SIGINT and SIGTERM to this process are passed on to torchrun, which passes them on to the
+    processes it started: they stop together after the step in progress and write the
+    checkpoint (`ree.runs`). torchrun runs in a session of its own, so that a Ctrl-C in the
+    terminal reaches each process once, through this one, rather than all of them at once."""
+    from .runs import forward_signals
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ree", *argv]
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        return process.wait()
+        with forward_signals(process) as received:
+            status = process.wait()
     except BaseException:
         process.terminate()  # torchrun passes it on to the processes it started
         process.wait()
         raise
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]}")
+    return status
 
 
 @contextmanager
@@ -209,6 +220,16 @@ def nonfinite_ranks(value: torch.Tensor, ranks: Ranks) -> List[int]:
     if ranks.world > 1:
         dist.all_reduce(flags, group=ranks.group)
     return [rank for rank in range(ranks.world) if flags[rank] > 0]
+
+
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank, known to every rank (one all-reduce with several),
+    so that they all take the same branch before their next collective."""
+    if ranks.world == 1:
+        return bool(flag)
+    total = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(total, group=ranks.group)
+    return bool(total.item() > 0)
 
 
 def mean_over_ranks(values: Sequence[float], ranks: Ranks, device: torch.device) -> List[float]:

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .config import RESUME_MUTABLE, TrainConfig
 from .data.arrays import to_tensor
 from .data.degrade import downsample, draw_uis, synthesize_uis
 from .data.sources import build_dataset, class_names, num_classes
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype, check_backend, resolve_device
 from .distributed import Ranks
 from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
@@ -66,6 +66,7 @@ class Trainer:
         self.ranks = Ranks.current()
         config.check_world_size(self.ranks.world)
         self.device = resolve_device(config.device)
+        check_backend(config.backend, self.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)
         self.dataset = build_dataset(config) if dataset is None else dataset
         self.num_classes = num_classes(self.dataset)
@@ -109,6 +110,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, config.seed)
         self.step = 0
+        self.interrupted = False
         self.output_dir = Path(config.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
@@ -262,10 +264,15 @@ class Trainer:
         self.step += 1
         return losses, grad_norm
 
-    def fit(self, stop_at: Optional[int] = None) -> Path:
+    def fit(self, stop_at: Optional[int] = None, stop_requested: Optional[Callable[[], bool]] = None) -> Path:
         """Trains up to `config.steps` (or `stop_at`, to interrupt a run on purpose) and returns
         the path of the checkpoint written at the end. Only rank 0 writes the log, TensorBoard
-        and the checkpoints."""
+        and the checkpoints.
+
+        `stop_requested` (e.g. `ree.runs.StopSignals`) is polled before each step; once it is
+        true on any rank, every rank stops there and the checkpoint is written, so the run
+        resumes exactly (`interrupted` is then True)."""
+        self.interrupted = False
         stop = self.config.steps if stop_at is None else min(stop_at, self.config.steps)
         leader = self.ranks.leader
         if leader:
@@ -276,6 +283,9 @@ class Trainer:
         tick, seen = time.perf_counter(), 0
         with sinks:
             for images, labels in self._batches(self.step, stop):
+                if stop_requested is not None and distributed.any_rank(stop_requested(), self.ranks, self.device):
+                    self.interrupted = True
+                    break
                 losses, grad_norm = self.train_step(images, labels)
                 seen += self.config.batch_size + self.config.uis_per_batch
                 sinks.advance()

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError, UserError
 from .arrays import save_npz_atomic
 from .images import decode_image
 
@@ -50,11 +51,11 @@ The funneled and original LFW images centre the face the same way, at 250 × 250
 _IMAGE_NAME = re.compile(r"^(?P<name>.+)_(?P<num>\d{4})\.jpg$")
 
 
-class LfwNotFound(FileNotFoundError):
+class LfwNotFound(UserError, FileNotFoundError):
     """No LFW copy where it was looked for; the message lists the places and how to provide one."""
 
 
-class PairsError(ValueError):
+class PairsError(DataError):
     """A malformed pairs file; the message names the file and the line."""
 
 
