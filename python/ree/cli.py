@@ -213,7 +213,7 @@ def _train(config: TrainConfig, resume: Optional[Path], leader: bool) -> int:
     SIGINT/SIGTERM stop it after the current step with a checkpoint (`ree.runs.StopSignals`)."""
     from .train import Trainer
 
-    with runs.StopSignals() as stop:
+    with runs.StopSignals(announce=leader) as stop:
         if leader:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
             runs.remove_stale_temporaries(config.output_dir, config.cache_dir)

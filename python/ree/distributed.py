@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,25 +62,41 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
     SIGINT and SIGTERM to this process are passed on to torchrun, which passes them on to the
     processes it started: they stop together after the step in progress and write the
-    checkpoint (`ree.runs`). torchrun runs in a session of its own, so that a Ctrl-C in the
+    checkpoint (`ree.runs`); the status is then 130. torchrun runs in a session of its own, so that a Ctrl-C in the
     terminal reaches each process once, through this one, rather than all of them at once."""
     from .runs import forward_signals
 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # torchrun's own temporary folder (it leaves one per run otherwise) goes where it is removed
+    log_dir = tempfile.mkdtemp(prefix="ree-torchrun-")
+    command = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", f"--log-dir={log_dir}",
                "-m", "ree", *argv]
-    process = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        with forward_signals(process) as received:
-            status = process.wait()
-    except BaseException:
-        process.terminate()  # torchrun passes it on to the processes it started
-        process.wait()
-        raise
-    if received:
-        raise KeyboardInterrupt(f"signal {received[0]}")
-    return status
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            with forward_signals(process) as received:
+                status = process.wait()
+        except BaseException:
+            process.terminate()  # torchrun passes it on to the processes it started
+            process.wait()
+            raise
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    # Stopped by a signal: the processes have said where their checkpoint is.
+    return 130 if received else status
+
+
+_TORCHRUN = """
+import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+try:
+    main()
+except SignalException:  # stopped by the signal ree passed on: the workers have written their checkpoint
+    sys.exit(130)
+"""
+"""torchrun (`python -m torch.distributed.run`), without its traceback when a signal stops it."""
 
 
 @contextmanager

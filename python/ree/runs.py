@@ -88,7 +88,8 @@ class StopSignals:
     save yet); once armed, the first one only sets `requested` (the signal's name), which the
     training loop polls between steps; a second one raises KeyboardInterrupt."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce  # print what happens (one process of several: rank 0 only)
         self.requested: Optional[str] = None
         self._armed = False
         self._previous: dict = {}
@@ -105,8 +106,9 @@ class StopSignals:
         if not self._armed or self.requested is not None:
             raise KeyboardInterrupt(signal.Signals(signum).name)
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after this step and writing a checkpoint (again to abort at once)",
-              file=sys.stderr, flush=True)
+        if self.announce:
+            print(f"\n{self.requested}: stopping after this step and writing a checkpoint (again to abort at once)",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopSignals":
         for sig in STOP_SIGNALS:
