@@ -225,10 +225,11 @@ def fake_lfw(root: Path) -> Path:
     return root
 
 
-def test_train_data_lfw_and_resume_of_a_demo_checkpoint(tmp_path, capsys):
+def test_train_data_lfw_and_resume_of_a_demo_checkpoint(tmp_path, capsys, monkeypatch):
     from ree.lfw.experiment import Budget
     from ree.train import Trainer
 
+    monkeypatch.delenv(lfw.ENV_VAR, raising=False)  # --lfw sets it for the process: restored after the test
     root = fake_lfw(tmp_path / "lfw")
     out = tmp_path / "run"
     cache = ["--cache-dir", str(tmp_path / "cache")]
@@ -240,12 +241,8 @@ def test_train_data_lfw_and_resume_of_a_demo_checkpoint(tmp_path, capsys):
     # a checkpoint as `make demo` / `ree lfw` write it (data="lfw"), stopped half-way, resumed by ree train
     config = Budget(steps=2, batch_size=4, warmup_steps=1).config("ree", tmp_path / "demo", seed=0)
     config.cache_dir, config.embedding_size, config.progress = str(tmp_path / "cache"), 16, False
-    os.environ[lfw.ENV_VAR], previous = str(root), os.environ.get(lfw.ENV_VAR)
-    try:
-        Trainer(config).fit(stop_at=1)
-        assert main(["train", "--resume", str(tmp_path / "demo" / "last.pt")]) == 0, capsys.readouterr().err
-    finally:
-        os.environ.pop(lfw.ENV_VAR) if previous is None else os.environ.__setitem__(lfw.ENV_VAR, previous)
+    Trainer(config).fit(stop_at=1)  # LFW from the variable --lfw set above, as REE_LFW_DIR gives it to make demo
+    assert main(["train", "--resume", str(tmp_path / "demo" / "last.pt")]) == 0, capsys.readouterr().err
     assert torch.load(tmp_path / "demo" / "last.pt", weights_only=True)["step"] == 2
 
 

@@ -181,13 +181,12 @@ def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
     device = resolve_device(config.device)
     check_backend(config.backend, device)
     cuda = device.type == "cuda"
-    if launched is None:  # once per run, before any process starts writing
-        runs.claim_output_dir(config.output_dir, resume=resume is not None, overwrite=args.overwrite)
+    runs.claim_for_process(config.output_dir, resume=resume is not None, overwrite=args.overwrite)
     if launched is None and world > 1:
         if cuda and world > torch.cuda.device_count():
             raise errors.DeviceError(f"--nproc {world} needs a GPU per process; torch sees "
                                      f"{torch.cuda.device_count()}")
-        return launch(world, _without_nproc(argv))
+        return launch(world, _without_nproc(argv), runs.claimed_env(config.output_dir))
     with process_group_from_env(cuda) as ranks:
         return _train(config, resume, ranks.leader)
 

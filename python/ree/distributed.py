@@ -18,7 +18,7 @@ import tempfile
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -54,11 +54,11 @@ def launched_world() -> Optional[int]:
     return None if world is None else int(world)
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> int:
     """Runs `python -m ree <argv>` in `nproc` processes on this machine through
     torch.distributed.run (torchrun --standalone) and waits for them; their exit status.
     Without OMP_NUM_THREADS, each process gets the machine's cores divided by nproc (torchrun
-    would set 1).
+    would set 1); `env` is added to their environment.
 
     SIGINT and SIGTERM to this process are passed on to torchrun, which passes them on to the
     processes it started: they stop together after the step in progress and write the
@@ -66,7 +66,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     terminal reaches each process once, through this one, rather than all of them at once."""
     from .runs import forward_signals
 
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # torchrun's own temporary folder (it leaves one per run otherwise) goes where it is removed
     log_dir = tempfile.mkdtemp(prefix="ree-torchrun-")

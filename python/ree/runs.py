@@ -21,7 +21,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from .errors import RunFolderError
 
@@ -43,6 +43,9 @@ def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
     found = [name for name in ("last.pt", "log.csv") if (folder / name).exists()]
     if not found or resume:
         return
+    if not overwrite and "last.pt" not in found:
+        raise RunFolderError(f"--output-dir {folder} holds the log of a run that wrote no checkpoint: pass "
+                             "--overwrite to start it again, or choose another --output-dir")
     if not overwrite:
         raise RunFolderError(f"--output-dir {folder} already holds a run ({', '.join(found)}): pass --resume to "
                              "continue it, --overwrite to replace it, or choose another --output-dir")
@@ -52,6 +55,26 @@ def claim_output_dir(output_dir: str | Path, *, resume: bool, overwrite: bool) -
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+CLAIMED = "REE_RUN_CLAIMED"
+"""Set by `ree train --nproc` for the processes it starts: the output folder they share is claimed."""
+
+
+def claim_for_process(output_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """`claim_output_dir` as each process of a run calls it, before any joins the process group
+    (so before rank 0 can write): none where the --nproc launcher claimed the folder already;
+    with `overwrite`, only rank 0 (environment RANK) removes the old run; otherwise every rank
+    checks, and all refuse alike."""
+    folder = str(Path(output_dir).resolve())
+    if os.environ.get(CLAIMED) == folder or (overwrite and int(os.environ.get("RANK", "0")) != 0):
+        return
+    claim_output_dir(folder, resume=resume, overwrite=overwrite)
+
+
+def claimed_env(output_dir: str | Path) -> Dict[str, str]:
+    """The environment that tells the processes `ree train --nproc` starts that their folder is claimed."""
+    return {CLAIMED: str(Path(output_dir).resolve())}
 
 
 def remove_stale_temporaries(output_dir: str | Path, cache_dir: Optional[str | Path] = None) -> List[Path]:

@@ -269,7 +269,7 @@ class Trainer:
         the path of the checkpoint written at the end. Only rank 0 writes the log, TensorBoard
         and the checkpoints.
 
-        `stop_requested` (e.g. `ree.runs.StopSignals`) is polled before each step; once it is
+        `stop_requested` (e.g. `ree.runs.StopSignals`) is polled after each step; once it is
         true on any rank, every rank stops there and the checkpoint is written, so the run
         resumes exactly (`interrupted` is then True)."""
         self.interrupted = False
@@ -283,9 +283,6 @@ class Trainer:
         tick, seen = time.perf_counter(), 0
         with sinks:
             for images, labels in self._batches(self.step, stop):
-                if stop_requested is not None and distributed.any_rank(stop_requested(), self.ranks, self.device):
-                    self.interrupted = True
-                    break
                 losses, grad_norm = self.train_step(images, labels)
                 seen += self.config.batch_size + self.config.uis_per_batch
                 sinks.advance()
@@ -293,6 +290,12 @@ class Trainer:
                 if self.step % self.config.log_every == 0 or self.step == stop:
                     sinks.write(self._log_row(losses, grad_norm, seen / max(time.perf_counter() - tick, 1e-9)))
                     tick, seen = time.perf_counter(), 0
+                # polled after the step, before the next batch is fetched (a DataLoader's workers
+                # may have been stopped by the same Ctrl-C)
+                asked = stop_requested is not None and self.step < stop
+                if asked and distributed.any_rank(stop_requested(), self.ranks, self.device):
+                    self.interrupted = True
+                    break
                 if self.step % self.config.save_every == 0 and self.step != stop:
                     self.save_checkpoint()
             return self.save_checkpoint()
