@@ -166,9 +166,9 @@ def find_lfw(path: str | os.PathLike | None = None) -> LfwSource:
     cache = sklearn_cache()
     if cache.is_dir():
         return open_source(cache)
-    raise LfwNotFound(f"LFW not found: pass --lfw DIR, set {ENV_VAR} to a folder holding lfw-deepfunneled/ "
-                      f"(or lfw_funneled/, lfw/, or their .tgz) and the pairs files, or fetch it with "
-                      f"scikit-learn (looked in {cache})")
+    raise LfwNotFound(f"LFW not found: set {ENV_VAR} (or pass --lfw DIR to ree train, demo or lfw) to a folder "
+                      f"holding lfw-deepfunneled/ (or lfw_funneled/, lfw/, or their .tgz) and the pairs files, or "
+                      f"fetch it with scikit-learn (looked in {cache})")
 
 
 # --------------------------------------------------------------------------------------------- pairs
