@@ -25,8 +25,8 @@ SHARED = re.compile(r"(?P<smem>\d+) bytes smem")
 
 def demangle(names: list[str]) -> list[str]:
     out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    # The anonymous namespace's generated name and the ree::cuda prefix say nothing here.
-    return [re.sub(r"ree::cuda::\(anonymous namespace\)::", "", line) for line in out.splitlines()]
+    # The kernel and its template arguments: the namespaces, return type and parameters say nothing here.
+    return [re.sub(r"^void |ree::cuda::\(anonymous namespace\)::|\(.*\)$", "", line) for line in out.splitlines()]
 
 
 def parse(log: str, source: str) -> list[dict]:

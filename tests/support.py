@@ -23,14 +23,15 @@ KERNEL_BACKENDS = [
 
 # Awkward sizes (no tile multiple). The interpreter runs Triton programs one by one in
 # Python, so it gets smaller ones.
-# The emulated CUDA kernels run every CUDA thread as an OS thread: they get those too.
-HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19), ("cuda", "cpu"): (13, 131, 19)}
+# The emulated CUDA kernels run every CUDA thread as an OS thread: they get small ones too, with
+# B = 16 for 3 column splits per row on the emulated device (tests/cuda_emulation: 6 SMs).
+HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19), ("cuda", "cpu"): (16, 131, 19)}
 # At a logit scale near reference.MAX_SCALE a float32 gradient's error is s·u times its size, for
 # the kernels and the float32 reference alike (the rounding of each cosine and of the lse): the
 # docs/spec.md §5 bound then compares two maxima of errors with the same spread, and takes enough
 # rows for those maxima to settle.
 LARGE_SCALE_SHAPES = {"default": (256, 1031, 67), ("triton", "cpu"): (64, 131, 19), ("cuda", "cpu"): (64, 131, 19)}
-AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19), ("cuda", "cpu"): (13, 19)}
+AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19), ("cuda", "cpu"): (16, 19)}
 
 DTYPES = {
     ("cpu", "cpu"): (torch.float64, torch.float32, torch.bfloat16, torch.float16),

@@ -42,12 +42,14 @@ namespace ree_emulation {
 // The error of the last failed launch on this host thread, until cudaGetLastError reads it.
 inline thread_local cudaError_t last_error = cudaSuccess;
 
-// The emulated device's multiprocessor count (csrc/cuda's head_row_splits reads it): 4 by
-// default, so that small test batches get several column splits; REE_CUDA_EMULATION_SMS sets it.
+// The emulated device's multiprocessor count (csrc/cuda's head_row_splits reads it): 6 by
+// default, so that the test batches get several column splits per row (3 at B = 16, 48 at B = 1);
+// REE_CUDA_EMULATION_SMS sets it.
 inline int multiprocessors() {
+  constexpr int kDefault = 6;
   const char* value = std::getenv("REE_CUDA_EMULATION_SMS");
-  const int count = value == nullptr ? 4 : std::atoi(value);
-  return count > 0 ? count : 4;
+  const int count = value == nullptr ? kDefault : std::atoi(value);
+  return count > 0 ? count : kDefault;
 }
 
 // CUDA's limits on a launch configuration (compute capability 8.0 and 9.0).
