@@ -91,9 +91,11 @@ EMULATION_ASAN_TESTS := test_matches_reference_every_dtype or test_chunk_edges o
 gpu-verify-cuda: install
 	$(PY) tests/cuda_emulation/build.py
 	REE_CUDA_EMULATION_LIBRARY=$(EMULATION_LIB) $(PY) -m pytest -q -p no:cacheprovider -m cuda_emulation $(EMULATION_SUITES)
-	asan=$$(g++ -print-file-name=libasan.so); \
-	LD_PRELOAD=$$asan $(PY) tests/cuda_emulation/build.py --asan && \
-	LD_PRELOAD=$$asan ASAN_OPTIONS=detect_leaks=0 REE_CUDA_EMULATION_LIBRARY=$(EMULATION_ASAN_LIB) \
+	# libasan preloaded (the build loads the library too); no leak report: Python and the
+	# compilers it starts never free everything.
+	export LD_PRELOAD=$$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0; \
+	$(PY) tests/cuda_emulation/build.py --asan && \
+	REE_CUDA_EMULATION_LIBRARY=$(EMULATION_ASAN_LIB) \
 	  $(PY) -m pytest -q -p no:cacheprovider -m cuda_emulation -k "$(EMULATION_ASAN_TESTS)" $(EMULATION_SUITES)
 	$(MAKE) --no-print-directory cuda-spill-check
 

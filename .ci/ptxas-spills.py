@@ -81,9 +81,10 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.table:
-        version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(f"# ptxas report of csrc/cuda (.ci/ptxas-spills.py; {version})\n\n{table}\n")
+        args.table.write_text(f"# ptxas report of csrc/cuda (.ci/ptxas-spills.py; nvcc "
+                              f"{version.strip().splitlines()[-1]})\n\n{table}\n")
     spilling = [r for r in rows if r["stores"] or r["loads"]]
     for r in spilling:
         print(f"SPILL: {r['kernel']} on {r['arch']}: {r['stores']} B stores, {r['loads']} B loads", file=sys.stderr)

@@ -110,7 +110,8 @@ DESCRIPTIONS: Tuple[Backend, ...] = (
             chunk_size=ChunkRule("the class tile BLOCK_C of every kernel (tl.dot needs at least 16 columns, "
                                  "tl.arange a power of two)", low=16, high=1024, power_of_two=True),
             grad_filter=True),
-    Backend("cuda", devices=("cuda", "cpu") if CUDA_EMULATION_LIBRARY else ("cuda",), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
+    Backend("cuda", devices=("cuda", "cpu") if CUDA_EMULATION_LIBRARY else ("cuda",), auto_devices=("cuda",),
+            dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("classes per cuBLAS product and fused epilogue (the B × chunk float32 "
                                  "workspace)")),
     Backend("cpu", devices=("cpu",), auto_devices=("cpu",), dtypes=_ALL_FLOATS, ops=OPS,

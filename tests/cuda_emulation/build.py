@@ -6,7 +6,8 @@ path, which REE_CUDA_EMULATION_LIBRARY takes (ree_kernels.backends.CUDA_EMULATIO
 
 Usage: python tests/cuda_emulation/build.py [--asan] [--build-dir DIR]
 With --asan the library is built with AddressSanitizer; then this process (and every process that
-loads the library) needs libasan preloaded: LD_PRELOAD=$(g++ -print-file-name=libasan.so).
+loads the library) needs libasan preloaded, without its leak report (which the compilers started
+here would fail on): LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0.
 Rebuilds only what changed (ninja, through torch.utils.cpp_extension).
 """
 from __future__ import annotations
