@@ -85,7 +85,7 @@ cuda-check: install
 # minutes from nothing on 2 cores (the emulation builds in ~1.5 min, ASan's in ~2).
 EMULATION_LIB := build/cuda-emulation/ree_cuda_emulation/ree_cuda_emulation.so
 EMULATION_ASAN_LIB := build/cuda-emulation/ree_cuda_emulation_asan/ree_cuda_emulation_asan.so
-EMULATION_SUITES := tests/test_head_kernels.py tests/test_aux_kernels.py tests/test_cuda_emulation.py
+EMULATION_SUITES := tests/test_head_kernels.py tests/test_aux_kernels.py tests/test_compile.py tests/test_cuda_emulation.py
 # Every kernel, dtype and margin mode, the chunk loop and the splits: a subset, as ASan is slower.
 EMULATION_ASAN_TESTS := test_matches_reference_every_dtype or test_chunk_edges or test_chunk_sizes_that_leave
 gpu-verify-cuda: install

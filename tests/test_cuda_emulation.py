@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import compare_head, head_inputs
+from support import aux_inputs, compare_aux, compare_head, head_inputs
 
 sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
 from rewrite_launches import rewrite  # noqa: E402
@@ -48,8 +48,26 @@ def test_chunk_sizes_that_leave_splits_empty(chunk_size, dtype):
 
 @pytest.mark.cuda_emulation
 @pytest.mark.usefixtures("poisoned_outputs")
-@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("batch", [1, 5, 300])
 def test_row_splits_follow_the_batch(batch):
-    """48, 10 and 1 column splits per row (head_row_splits on 6 emulated SMs), over 3 chunks."""
+    """48, 10 and 1 column splits per row (head_row_splits on 6 emulated SMs), over 3 chunks; at
+    B = 300 the finish kernel takes two blocks of 256 rows."""
     inputs = head_inputs(batch, 131, 19, seed=95 + batch, plant=("peaky",))
     compare_head(inputs, backend="cuda", dtype=torch.float32, chunk_size=48)
+
+
+@pytest.mark.cuda_emulation
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_gradient_kernel_strides_over_column_groups():
+    """One chunk of 2100 columns: the backward's epilogue grid has 3 column groups of 1024 columns
+    (grad_chunk_kernel's y extent), and each forward split 88 columns."""
+    inputs = head_inputs(2, 2100, 8, seed=99, plant=())
+    compare_head(inputs, backend="cuda", dtype=torch.float32)
+
+
+@pytest.mark.cuda_emulation
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_aux_batch_beyond_one_block():
+    """B = 300: the finish kernel's threads each sum two rows before the shared-memory tree."""
+    inputs = aux_inputs(300, 19, seed=98)
+    compare_aux(inputs, backend="cuda", dtype=torch.float32)
