@@ -24,7 +24,9 @@ KERNEL_BACKENDS = [
 # Awkward sizes (no tile multiple). The interpreter runs Triton programs one by one in
 # Python, so it gets smaller ones.
 # The emulated CUDA kernels run every CUDA thread as an OS thread: they get small ones too, with
-# B = 16 for 3 column splits per row on the emulated device (tests/cuda_emulation: 6 SMs).
+# B = 16 for 3 column splits per row on the emulated device (tests/cuda_emulation: 6 SMs). (At
+# B = 13 the "ratio" RI of the planted cos = 1 row, ≈ 3·10⁵ through its 1e-6 floor, misses the §5
+# bound by one float32 ulp of cos_ui: an absolute tolerance on a value amplified 10⁶-fold.)
 HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19), ("cuda", "cpu"): (16, 131, 19)}
 # At a logit scale near reference.MAX_SCALE a float32 gradient's error is s·u times its size, for
 # the kernels and the float32 reference alike (the rounding of each cosine and of the lse): the
