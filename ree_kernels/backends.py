@@ -95,13 +95,17 @@ class Backend:
         return (not self.auto_devices or device.type in self.auto_devices) and dtype in self.dtypes
 
 
+TRITON_MAX_CLASS_TILE = 256
+"""The largest `chunk_size` (class tile) of backend="triton" (ree_kernels/triton/tiling.py says why)."""
+
 _ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _GPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 DESCRIPTIONS: Tuple[Backend, ...] = (
     Backend("triton", devices=("cuda", "cpu"), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("the class tile BLOCK_C of every kernel (tl.dot needs at least 16 columns, "
-                                 "tl.arange a power of two)", low=16, high=1024, power_of_two=True),
+                                 "tl.arange a power of two, wider ones spill registers)", low=16,
+                                 high=TRITON_MAX_CLASS_TILE, power_of_two=True),
             grad_filter=True),
     Backend("cuda", devices=("cuda",), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("classes per cuBLAS product and fused epilogue (the B × chunk float32 "
