@@ -95,7 +95,7 @@ class Backend:
         return (not self.auto_devices or device.type in self.auto_devices) and dtype in self.dtypes
 
 
-TRITON_MAX_CLASS_TILE = 256
+TRITON_MAX_CLASS_TILE = 128
 """The largest `chunk_size` (class tile) of backend="triton" (ree_kernels/triton/tiling.py says why)."""
 
 _ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)

@@ -82,12 +82,11 @@ def test_the_check_fails_on_spills_and_on_shared_memory(arch, tile, problem):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_backward_candidates_compile_without_spills_on_sm90(dtype):
-    """Every backward candidate the autotuner compiles at B=1024, C=100000, D=512. Before: every
-    bf16 candidate spilled, and float32's BLOCK_DO=512 tiles needed 294,912 B of shared memory
-    (an H100 gives a block 232,448 B)."""
+    """The backward tiles a launch at B=1024, C=100000, D=512 compiles. Before: every bf16
+    candidate spilled, and float32's spilled ~100 KB per thread (BLOCK_DO = 512 and 256)."""
     records = _compile(90, dtype, """
         head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, "arcface", 0, 0.0)
         """)
     grads = [r for r in records if r["kernel"].startswith("grad_")]
-    assert len(grads) >= 2
+    assert len(grads) == 2
     assert _problems(records) == []

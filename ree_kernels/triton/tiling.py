@@ -14,8 +14,9 @@ from ..backends import TRITON_INTERPRET, TRITON_MAX_CLASS_TILE
 MIN_TILE = 16
 """Smallest class tile that `chunk_size` may set (tl.dot needs at least 16)."""
 MAX_TILE = TRITON_MAX_CLASS_TILE
-"""Largest class tile: a larger one cannot keep the candidates' tile areas with BLOCK_B >= 16
-(`_fit_class_tile`); at 1024 ptxas failed or spilled tens of KB (benchmarks/gpu_verify_triton.py)."""
+"""Largest class tile: the widest whose reshaped candidates (`_fit_class_tile`) compiled without
+spills for sm_80 and sm_90 (256 spilled on sm_80; at 1024 ptxas failed on the register
+allocation or spilled ~38 KB per thread: benchmarks/gpu_verify_triton.py)."""
 
 ROW_BLOCK = 16
 """Rows per program of the per-row kernels (forward finish, backward rows)."""
@@ -38,14 +39,15 @@ INTERPRETER_SMS = 4
 # autotuner compiles every candidate at the first call of a shape. Speed is not measured yet.
 # Forward: (BLOCK_B, BLOCK_C, BLOCK_K, num_warps, num_stages).
 FORWARD_CONFIGS = {
-    "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)),
+    "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3)),
     "float32": ((128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)),
 }
 # Backward: (BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO, num_warps, num_stages). Each D block recomputes
-# the cosines; a BLOCK_DO above 256 (128 in float32) spilled: [BLOCK_B, BLOCK_DO] float32
-# accumulators next to the cosine tile exceed the 255 registers of a thread.
+# the cosines, but a BLOCK_DO above 128 spilled: [BLOCK_B, BLOCK_DO] float32 accumulators next
+# to the cosine tile exceed the 255 registers of a thread (BLOCK_DO = 256 on sm_80; on sm_90
+# every BLOCK_DO = 512 tile, and in float32 needed 294,912 B of shared memory).
 BACKWARD_CONFIGS = {
-    "16-bit": ((64, 64, 64, 128, 8, 2), (64, 64, 32, 256, 8, 2)),
+    "16-bit": ((64, 64, 64, 128, 8, 2),),
     "float32": ((64, 64, 16, 128, 8, 2),),
 }
 FILTER_TILE = (64, 64)
@@ -59,17 +61,21 @@ def _dot_kind(dtype: torch.dtype) -> str:
 
 def _fit_class_tile(block_b: int, block_c: int, block_do: int, warps: int,
                     class_tile: Optional[int]) -> Tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_C, BLOCK_DO, num_warps) of a candidate with `chunk_size`'s class tile. A wider
-    class tile narrows BLOCK_B and BLOCK_DO by as much, so that the float32 tiles held in registers
-    ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] prototype gradients) keep their size; a
-    narrower one leaves fewer elements per thread, so it takes fewer warps (at least 4; 8 warps on
-    a 64 × 16 float32 tile spilled)."""
+    """(BLOCK_B, BLOCK_C, BLOCK_DO, num_warps) of a candidate with `chunk_size`'s class tile
+    (block_do 0 for the forward). A wider class tile narrows BLOCK_B and BLOCK_DO by as much, so
+    the float32 tiles held in registers ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] and
+    [BLOCK_B, BLOCK_DO] accumulators) grow no larger; when the largest of them shrinks, the
+    warps shrink with it (at least 4: 8 warps on a 64 × 16 float32 forward tile spilled)."""
     if class_tile is None:
         return block_b, block_c, block_do, warps
-    if class_tile < block_c:
-        return block_b, class_tile, block_do, max(4, warps * class_tile // block_c)
-    widen = class_tile // block_c
-    return max(MIN_TILE, block_b // widen), class_tile, max(MIN_TILE, block_do // widen), warps
+    widen = max(1, class_tile // block_c)
+    new_b, new_do = max(MIN_TILE, block_b // widen), max(MIN_TILE, block_do // widen) if block_do else 0
+
+    def largest(b: int, c: int, do: int) -> int:
+        return max(b * c, b * do, c * do)
+
+    warps = max(4, min(warps, warps * largest(new_b, class_tile, new_do) // largest(block_b, block_c, block_do)))
+    return new_b, class_tile, new_do, warps
 
 
 def interpreter_tiles(dim: int, class_tile: Optional[int]) -> Dict[str, int]:
@@ -141,7 +147,7 @@ def forward_configs(dim: int, class_tile: Optional[int], dtype: torch.dtype) -> 
         return [tiles]
     configs = []
     for bb, bc, bk, warps, stages in FORWARD_CONFIGS[_dot_kind(dtype)]:
-        bb, bc, _, warps = _fit_class_tile(bb, bc, MIN_TILE, warps, class_tile)
+        bb, bc, _, warps = _fit_class_tile(bb, bc, 0, warps, class_tile)
         config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         if config not in configs:
             configs.append(config)
