@@ -33,26 +33,25 @@ INTERPRETER_SMS = 4
 
 # GPU autotune candidates, per kind of product: "16-bit" (bfloat16/float16 on tensor cores) and
 # "float32" (input_precision="ieee": FMA products whose operand tiles sit in registers, hence the
-# narrower BLOCK_K). Each one compiles for sm_80 and sm_90 at D = 512 without a register spill and
+# narrower BLOCK_K and tiles). Each one compiles for sm_80 and sm_90 at D = 512 without a register spill and
 # within the shared memory of an A100 (benchmarks/gpu_verify_triton.py, the tables in
 # benchmarks/results/), and every kernel of a dtype compiles in under 60 s on 2 CPU cores: the
 # autotuner compiles every candidate at the first call of a shape. Speed is not measured yet.
 # Forward: (BLOCK_B, BLOCK_C, BLOCK_K, num_warps, num_stages).
 FORWARD_CONFIGS = {
     "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3)),
-    "float32": ((128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)),
+    "float32": ((128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2)),
 }
 # Backward: (BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO, num_warps, num_stages). Each D block recomputes
 # the cosines, but a BLOCK_DO above 128 spilled: [BLOCK_B, BLOCK_DO] float32 accumulators next
 # to the cosine tile exceed the 255 registers of a thread (BLOCK_DO = 256 on sm_80; on sm_90
-# every BLOCK_DO = 512 tile, and in float32 needed 294,912 B of shared memory).
+# every BLOCK_DO = 512 tile; in float32 ~100 KB per thread, and 64 × 64 tiles spilled on sm_80).
+# With the gradient filter on, every candidate takes the first one's (BLOCK_B, BLOCK_C): the
+# prototype kernel skips exactly the tiles the embedding kernel marked, so they share the tiling.
 BACKWARD_CONFIGS = {
     "16-bit": ((64, 64, 64, 128, 8, 2),),
-    "float32": ((64, 64, 16, 128, 8, 2),),
+    "float32": ((32, 32, 16, 128, 4, 2),),
 }
-FILTER_TILE = (64, 64)
-"""(BLOCK_B, BLOCK_C) of both backward kernels when the gradient filter is on: the prototype
-kernel skips exactly the tiles the embedding kernel marked, so they must share the tiling."""
 
 
 def _dot_kind(dtype: torch.dtype) -> str:
@@ -158,9 +157,10 @@ def backward_configs(dim: int, class_tile: Optional[int], filtered: bool, dtype:
     if TRITON_INTERPRET:
         return [interpreter_tiles(dim, class_tile)]
     configs = []
-    for bb, bc, bk, bdo, warps, stages in BACKWARD_CONFIGS[_dot_kind(dtype)]:
+    candidates = BACKWARD_CONFIGS[_dot_kind(dtype)]
+    for bb, bc, bk, bdo, warps, stages in candidates:
         if filtered:
-            bb, bc = FILTER_TILE
+            bb, bc = candidates[0][:2]
         bb, bc, bdo, warps = _fit_class_tile(bb, bc, bdo, warps, class_tile)
         config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_DO=min(bdo, max(MIN_TILE, triton.next_power_of_2(dim))),
                       num_warps=warps, num_stages=stages)
