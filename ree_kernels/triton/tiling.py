@@ -33,24 +33,24 @@ INTERPRETER_SMS = 4
 
 # GPU autotune candidates, per kind of product: "16-bit" (bfloat16/float16 on tensor cores) and
 # "float32" (input_precision="ieee": FMA products whose operand tiles sit in registers, hence the
-# narrower BLOCK_K and tiles). Each one compiles for sm_80 and sm_90 at D = 512 without a register spill and
-# within the shared memory of an A100 (benchmarks/gpu_verify_triton.py, the tables in
-# benchmarks/results/), and every kernel of a dtype compiles in under 60 s on 2 CPU cores: the
-# autotuner compiles every candidate at the first call of a shape. Speed is not measured yet.
+# narrower BLOCK_K and tiles). Each one, and each reshaped for chunk_size 16 and 128, compiles for
+# sm_80 and sm_90 at D = 512 without a register spill and within the shared memory of an A100
+# (benchmarks/gpu_verify_triton.py, the tables in benchmarks/results/). The sets are small because
+# the autotuner compiles every candidate at a shape's first call. Speed is not measured yet.
 # Forward: (BLOCK_B, BLOCK_C, BLOCK_K, num_warps, num_stages).
 FORWARD_CONFIGS = {
     "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3)),
     "float32": ((128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2)),
 }
 # Backward: (BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO, num_warps, num_stages). Each D block recomputes
-# the cosines, but a BLOCK_DO above 128 spilled: [BLOCK_B, BLOCK_DO] float32 accumulators next
-# to the cosine tile exceed the 255 registers of a thread (BLOCK_DO = 256 on sm_80; on sm_90
-# every BLOCK_DO = 512 tile; in float32 ~100 KB per thread, and 64 × 64 tiles spilled on sm_80).
+# the cosines, but wider BLOCK_DO spilled: [BLOCK_B, BLOCK_DO] float32 accumulators next to the
+# cosine tile (16-bit: BLOCK_DO = 512 on sm_90, 256 on sm_80; float32: ~100 KB per thread at 512,
+# and a few bytes for most 64 × 64 and 32 × 32 × 128 tiles on one of the two targets).
 # With the gradient filter on, every candidate takes the first one's (BLOCK_B, BLOCK_C): the
 # prototype kernel skips exactly the tiles the embedding kernel marked, so they share the tiling.
 BACKWARD_CONFIGS = {
     "16-bit": ((64, 64, 64, 128, 8, 2),),
-    "float32": ((32, 32, 16, 128, 4, 2),),
+    "float32": ((32, 32, 16, 64, 4, 2),),
 }
 
 
@@ -61,20 +61,21 @@ def _dot_kind(dtype: torch.dtype) -> str:
 def _fit_class_tile(block_b: int, block_c: int, block_do: int, warps: int,
                     class_tile: Optional[int]) -> Tuple[int, int, int, int]:
     """(BLOCK_B, BLOCK_C, BLOCK_DO, num_warps) of a candidate with `chunk_size`'s class tile
-    (block_do 0 for the forward). A wider class tile narrows BLOCK_B and BLOCK_DO by as much, so
-    the float32 tiles held in registers ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] and
-    [BLOCK_B, BLOCK_DO] accumulators) grow no larger; when the largest of them shrinks, the
-    warps shrink with it (at least 4: 8 warps on a 64 × 16 float32 forward tile spilled)."""
+    (block_do 0 for the forward). A wider class tile narrows BLOCK_B (at least 16) and BLOCK_DO
+    (at least 32: float32 tiles with 16 spilled on sm_90) by as much, so the float32 tiles held in
+    registers ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] and [BLOCK_B, BLOCK_DO]
+    accumulators) stay about the size of the candidate's; the warps follow the largest of them,
+    between 4 and 8 (8 warps on a 64 × 16 float32 forward tile spilled)."""
     if class_tile is None:
         return block_b, block_c, block_do, warps
     widen = max(1, class_tile // block_c)
-    new_b, new_do = max(MIN_TILE, block_b // widen), max(MIN_TILE, block_do // widen) if block_do else 0
+    new_b, new_do = max(MIN_TILE, block_b // widen), max(32, block_do // widen) if block_do else 0
 
     def largest(b: int, c: int, do: int) -> int:
         return max(b * c, b * do, c * do)
 
-    warps = max(4, min(warps, warps * largest(new_b, class_tile, new_do) // largest(block_b, block_c, block_do)))
-    return new_b, class_tile, new_do, warps
+    scaled = warps * largest(new_b, class_tile, new_do) // largest(block_b, block_c, block_do)
+    return new_b, class_tile, new_do, max(4, min(max(warps, 8), scaled))
 
 
 def interpreter_tiles(dim: int, class_tile: Optional[int]) -> Dict[str, int]:
