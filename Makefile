@@ -16,6 +16,7 @@ REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 .PHONY: install test bench bench-lfw bench-regress lint packaging-check demo cuda-check cmake-build gpu-check clean
 .PHONY: gpu-verify-cuda cuda-spill-check
+.PHONY: gpu-verify-triton gpu-verify-triton-quick
 
 install: $(BUILD_STAMP)
 
@@ -121,6 +122,25 @@ gpu-check:
 	} 2>&1 | tee "$(OUT)/gpu-check.log"
 	REE_COMMIT="$(REE_COMMIT)" $(GPU_PY) benchmarks/run.py --suite gpu --out "$(OUT)"
 
+# The Triton kernels compiled for sm_80 and sm_90 without a GPU (benchmarks/gpu_verify_triton.py,
+# docs/design.md): every kernel, dtype, autotune candidate, chunk_size extreme, margin mode and
+# RI form, with the pinned Triton and with Triton 3.6 (the GPU image's, in its own venv). Fails on
+# compile errors, register spills and shared memory beyond the card; tables in benchmarks/results/.
+# gpu-verify-triton-quick (CI): the first bf16 call on sm_90 with both Tritons, tables in build/.
+TRITON36_VENV := .venv-triton36
+$(TRITON36_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install -q torch==2.13.0 triton==3.6.0 numpy
+	touch $@
+
+gpu-verify-triton: install $(TRITON36_VENV)/.installed
+	$(PY) benchmarks/gpu_verify_triton.py
+	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py
+
+gpu-verify-triton-quick: install $(TRITON36_VENV)/.installed
+	$(PY) benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
+	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
+
 cmake-build: install
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
 	  -DCMAKE_BUILD_TYPE=Release
@@ -128,4 +148,4 @@ cmake-build: install
 	$(PY) -c 'import torch; torch.ops.load_library("build/cmake/libree_kernels.so"); print("cmake-build: loaded", torch.ops.ree.aux_forward)'
 
 clean:
-	rm -rf build dist $(VENV) ree_kernels/_C*.so *.egg-info .benchmarks
+	rm -rf build dist $(VENV) ree_kernels/_C*.so *.egg-info .benchmarks $(TRITON36_VENV)

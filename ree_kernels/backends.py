@@ -102,13 +102,17 @@ backend="cuda" takes CPU tensors and runs that build through its ops ree::cuda_e
 (never chosen by `auto`); docs/design.md (## CUDA backend) says what this proves."""
 CUDA_EMULATION_PREFIX = "cuda_emulated_"
 
+TRITON_MAX_CLASS_TILE = 128
+"""The largest `chunk_size` (class tile) of backend="triton" (ree_kernels/triton/tiling.py says why)."""
+
 _ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _GPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 DESCRIPTIONS: Tuple[Backend, ...] = (
     Backend("triton", devices=("cuda", "cpu"), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("the class tile BLOCK_C of every kernel (tl.dot needs at least 16 columns, "
-                                 "tl.arange a power of two)", low=16, high=1024, power_of_two=True),
+                                 "tl.arange a power of two, wider ones spill registers)", low=16,
+                                 high=TRITON_MAX_CLASS_TILE, power_of_two=True),
             grad_filter=True),
     Backend("cuda", devices=("cuda", "cpu") if CUDA_EMULATION_LIBRARY else ("cuda",), auto_devices=("cuda",),
             dtypes=_GPU_FLOATS, ops=OPS,
