@@ -6,12 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from test_lfw import real, write_tree  # noqa: F401 (the real-copy fixture)
 
 from ree import evaluation as ev
 from ree.data import lfw
 from ree.evaluation import bootstrap as bs
 from ree.lfw import experiment, protocol, report, scoring
+from test_lfw import real, write_tree  # noqa: F401 (the real-copy fixture)
 
 
 def test_extended_pairs_on_synthetic_labels():
@@ -38,6 +38,9 @@ def test_extended_pairs_on_synthetic_labels():
     other = protocol.extended_pairs(labels, cap=6, impostor_min=40, seed=1)
     assert not (np.array_equal(other.a, ext.a) and np.array_equal(other.b, ext.b))
     assert ext.people() == 6
+    few = protocol.extended_pairs(labels, cap=6, impostor_min=4, impostor_max=10)
+    couples = np.sort(np.c_[few.person_a, few.person_b][~few.same], axis=1)
+    assert few.impostors == 10 and len(np.unique(couples, axis=0)) == 10  # 10 of the 15 couples, once each
 
 
 @pytest.mark.parametrize("labels, options, match", [
@@ -47,6 +50,7 @@ def test_extended_pairs_on_synthetic_labels():
     (np.array([0, 0]), {}, "two people"),
     (np.array([0.0, 1.0]), {}, "integer"),
     (np.array([0, 0, 1]), {"cap": 0}, "cap must be an int >= 1"),
+    (np.array([0, 0, 1]), {"impostor_min": 5, "impostor_max": 4}, "must be at least impostor_min"),
 ])
 def test_extended_pairs_refuse_bad_input(labels, options, match):
     with pytest.raises(ValueError, match=match):
