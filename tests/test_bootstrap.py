@@ -148,7 +148,6 @@ def test_people_intervals_cover_at_about_the_nominal_rate_and_pairs_intervals_do
         w = bs.pair_resamples(same.astype(int), 200, seed=k)
         low, high = bs.interval(bs.tar_at_far_weighted(scores[same], w[:, same], scores[~same], w[:, ~same], FAR))
         hits_pairs += low <= truth <= high
-    print("COVER", hits_people / sims, hits_pairs / sims)
     assert 0.89 <= hits_people / sims <= 0.99, hits_people / sims
     assert hits_pairs / sims < 0.85, hits_pairs / sims
 
@@ -167,7 +166,6 @@ def test_pair_intervals_cover_independent_pairs():
         w = bs.pair_resamples(folds * 2 + same, 200, seed=k)
         low, high = bs.interval(bs.kfold_accuracy_weighted(scores, same, folds, w))
         hits += low <= truth <= high
-    print("COVER", hits / sims)
     assert hits / sims >= 0.88, hits / sims
 
 
@@ -199,7 +197,6 @@ def test_paired_difference():
         hits += diff["ci95"][0] <= truth <= diff["ci95"][1]
         side_by_side = [np.subtract(*bs.interval(reps[x].mean(axis=0))[::-1]) for x in ("A", "B")]
         narrower += diff["ci95"][1] - diff["ci95"][0] < math.hypot(*side_by_side)
-    print("COVER", hits / sims, narrower / sims)
     assert hits / sims >= 0.9, hits / sims
     assert narrower / sims > 0.9, narrower / sims
     same_method = bs.paired_difference([0.5, 0.6], [0.5, 0.6], np.ones((2, 9)), np.ones((2, 9)))

@@ -9,6 +9,10 @@ Quality scores (higher = better quality), per image and resolution:
   embedding layer, x the normalised embeddings (Terhörst et al., CVPR 2020).
 - `ERS`: 1 − cos(v, ū), the distance to the centre of the unrecognizable instances.
 - `resolution`: the true probe side, the reference a quality estimate would like to match.
+
+Verification adds, per resolution (`extended_verification`): TAR@FAR=1e-3 on the extended pairs
+(`protocol.extended_pairs`) and bootstrap 95 % intervals, from resamples drawn once per
+evaluation set (`uncertainty`) so that models and seeds are compared on the same ones.
 """
 from __future__ import annotations
 
