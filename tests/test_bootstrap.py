@@ -53,6 +53,13 @@ def test_weighted_tar_is_the_resampled_sets(far):
         V.tar_at_far(scores, same, far)
 
 
+def test_weighted_tar_breaks_a_tie_towards_the_lower_far():
+    """20 impostors at FAR 0.025: 0 and 1 false accepts are equally near 0.5; the lower FAR wins."""
+    impostors, genuine = np.arange(20.0), np.array([18.5, 19.5, 20.5])
+    got = bs.tar_at_far_weighted(genuine, np.ones((1, 3)), impostors, np.ones((1, 20)), 0.025)[0]
+    assert got == V.tar_at_far(np.r_[genuine, impostors], np.arange(23) < 3, 0.025) == 2 / 3
+
+
 def people_pairs(rng, people, genuine, impostors):
     person = rng.integers(0, people, genuine)
     p, q = rng.integers(0, people, (2, impostors))
@@ -75,6 +82,10 @@ def test_people_resampled_tar_is_the_resampled_sets(window):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="same must be True exactly"):
         bs.tar_at_far_people(scores, ~same, a, b, 0.01, m)
+    with pytest.raises(ValueError, match="a column for every person id"):
+        bs.tar_at_far_people(scores, same, a, b, 0.01, m[:, :30])
+    with pytest.raises(ValueError, match="far must be in"):
+        bs.tar_at_far_people(scores, same, a, b, 2.0, m)
 
 
 def test_resamples_keep_strata_and_are_reproducible():

@@ -158,12 +158,15 @@ def tar_at_far_people(scores: object, same: object, person_a: np.ndarray, person
                       multiplicity: np.ndarray, *, impostor_total: Optional[np.ndarray] = None,
                       window: Optional[int] = None, chunk: int = 250) -> np.ndarray:
     """[B] TAR at FAR `far` over people resamples (`multiplicity` [B, P], `people_resamples`)
-    of pairs of people (person_a, person_b) [n].
+    of pairs of people (person_a, person_b) [n] (ids 0..P-1; `same` exactly where they agree).
 
     Only the `window` highest impostor scores (default: 20 times the false accepts at `far`,
     at least 1,000) are weighed per replicate, with the total impostor weight from
     `impostor_total` (`people_pair_total`, computed once per pair set); a replicate whose cut
     falls outside the window is recomputed on every impostor, so the result is exact.
+
+    Raises:
+        ValueError: `same` disagrees with the people, a person id without a column, a bad far.
     """
     scores = real_array(scores, "scores")
     same = bool_vector(same, "same", scores.size)
@@ -171,6 +174,12 @@ def tar_at_far_people(scores: object, same: object, person_a: np.ndarray, person
     person_b = int_vector(person_b, "person_b", scores.size)
     if (same != (person_a == person_b)).any():
         raise ValueError("same must be True exactly for the pairs whose two people are one")
+    far = fraction(far, "far")
+    multiplicity = np.asarray(multiplicity)
+    if multiplicity.ndim != 2 or min(person_a.min(), person_b.min()) < 0 \
+            or max(person_a.max(), person_b.max()) >= multiplicity.shape[1]:
+        raise ValueError(f"multiplicity must be [replicates, people] with a column for every person id, got shape "
+                         f"{multiplicity.shape} for ids up to {max(person_a.max(), person_b.max())}")
     imp = np.flatnonzero(~same)
     gen = np.flatnonzero(same)
     if impostor_total is None:
