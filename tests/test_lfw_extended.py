@@ -141,6 +141,18 @@ def test_summary_json_has_the_issue_shape():
         report.summary_json([])
 
 
+def test_interval_table_cells():
+    rng = np.random.default_rng(6)
+    per_seed = [fake_seed(rng, models=("REE",)) for _ in range(2)]
+    for seed, bounds in zip(per_seed, ([0.1, 0.3], [0.2, 0.5])):
+        seed["recognition"]["REE"]["vlr"]["8"]["tar_far_1e-3_ext"] = 0.2 + bounds[0]
+        seed["recognition"]["REE"]["vlr"]["8"]["tar_far_1e-3_ext_ci95"] = bounds
+    headers, rows = report.interval_table({"per_seed": per_seed}, "tar_far_1e-3_ext")
+    assert headers[-1] == "8 px" and rows[0][:2] == ["REE", "VLR–VLR"]
+    assert rows[0][-1] == f"0.350 ± {np.std([0.3, 0.4], ddof=1):.3f} [0.150, 0.400]"
+    assert "[" not in rows[0][2] and rows[1][2] == "—"  # no interval stored; HR–VLR has no HR
+
+
 def test_differences_pair_the_replicates():
     rng = np.random.default_rng(5)
     per_seed = [fake_seed(rng) for _ in range(2)]
