@@ -16,7 +16,7 @@ REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 .PHONY: install test bench bench-lfw bench-regress lint packaging-check demo cuda-check cmake-build gpu-check clean
 .PHONY: gpu-verify-cuda cuda-spill-check
-.PHONY: gpu-verify-triton gpu-verify-triton-quick
+.PHONY: gpu-verify-triton gpu-verify-triton-quick gpu-verify
 
 install: $(BUILD_STAMP)
 
@@ -140,6 +140,15 @@ gpu-verify-triton: install $(TRITON36_VENV)/.installed
 gpu-verify-triton-quick: install $(TRITON36_VENV)/.installed
 	$(PY) benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
 	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
+
+# The GPU path checked without a GPU (README, "What `make gpu-verify` proves"): the Triton kernels
+# compiled for sm_80 and sm_90 with Triton 3.9 and 3.6 (every candidate a launch can pick), the CUDA
+# kernels and their glue executed on an emulated CUDA runtime (also under AddressSanitizer) with
+# ptxas's spill check, and the extension built against torch 2.14.1's CUDA build. CI runs it with
+# GPU_VERIFY=quick: the Triton compile of a first bf16 call on sm_90 with both Tritons only.
+GPU_VERIFY ?= full
+gpu-verify: $(if $(filter quick,$(GPU_VERIFY)),gpu-verify-triton-quick,gpu-verify-triton) gpu-verify-cuda
+	.ci/torch-build 2.14.1 cuda
 
 cmake-build: install
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH=$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)') \
