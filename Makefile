@@ -124,9 +124,11 @@ gpu-check:
 
 # The Triton kernels compiled for sm_80 and sm_90 without a GPU (benchmarks/gpu_verify_triton.py,
 # docs/design.md): every kernel, dtype, autotune candidate, chunk_size extreme, margin mode and
-# RI form, with the pinned Triton and with Triton 3.6 (the GPU image's, in its own venv). Fails on
-# compile errors, register spills and shared memory beyond the card; tables in benchmarks/results/.
-# gpu-verify-triton-quick (CI): the first bf16 call on sm_90 with both Tritons, tables in build/.
+# RI form, with the pinned Triton, and for sm_90 (the GPU machine's H100/H200) with Triton 3.6
+# (its image's, in a venv of its own). Fails on compile errors, register spills and shared memory
+# beyond the card; tables in benchmarks/results/. 5-8 min per target on 2 busy cores.
+# gpu-verify-triton-quick (CI): the first bf16 call on sm_90 with both Tritons (~15 s each),
+# tables in build/; the Triton 3.6 venv takes 1-3 min to install once.
 TRITON36_VENV := .venv-triton36
 $(TRITON36_VENV)/.installed:
 	$(PYTHON) -m venv $(TRITON36_VENV)
@@ -135,7 +137,7 @@ $(TRITON36_VENV)/.installed:
 
 gpu-verify-triton: install $(TRITON36_VENV)/.installed
 	$(PY) benchmarks/gpu_verify_triton.py
-	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py
+	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py --arch 90
 
 gpu-verify-triton-quick: install $(TRITON36_VENV)/.installed
 	$(PY) benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify

@@ -87,6 +87,6 @@ def test_backward_candidates_compile_without_spills_on_sm90(dtype):
     records = _compile(90, dtype, """
         head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, "arcface", 0, 0.0)
         """)
-    grads = [r for r in records if r["kernel"].startswith("grad_")]
-    assert len(grads) == 2
     assert _problems(records) == []
+    assert sorted(r["kernel"] for r in records if r["kernel"].startswith("grad_")) == [
+        "grad_embeddings_kernel", "grad_prototypes_kernel"]  # one tile: the autotuner compiles nothing more
