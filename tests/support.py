@@ -45,7 +45,11 @@ DTYPES = {
 
 # docs/spec.md §5: |ours − gt| ≤ 2·|pt − gt| + tol.
 FORWARD_TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-GRAD_TOL = {torch.float64: 1e-9, torch.float32: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# bfloat16 gradients: 2e-2. The reference computes half inputs' cosines in float32 (a loss
+# scaler's upstream 2^16 must not overflow inside it), so pt no longer carries the rounding of a
+# half-precision product, which the kernels' tensor-core products (Gᵀ·V with G in bfloat16) do: one
+# bfloat16 ulp of a gradient near 2 is 1.6e-2 (Triton's planted-tie case: 1.39e-2 against 1.38e-2).
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 5e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
 def head_shape(backend: Sequence[str]) -> tuple:

@@ -35,13 +35,13 @@ SHAPES = {"triton": (13, 131, 19), "cpu": (37, 1031, 67), "reference": (37, 1031
 # --------------------------------------------------------------------------------------------
 
 def test_names_dtypes_and_cli_choices_come_from_the_descriptions():
-    from ree.cli import _CHOICES
+    from ree.config import CHOICES
 
     names = tuple(b.name for b in backends.DESCRIPTIONS)
-    assert backends.BACKENDS == ("auto",) + names == ree_kernels.BACKENDS == _CHOICES["backend"]
+    assert backends.BACKENDS == ("auto",) + names == ree_kernels.BACKENDS == CHOICES["backend"]
     assert {n: backends.KERNEL_DTYPES[n] for n in names} == {b.name: b.dtypes for b in backends.DESCRIPTIONS}
     assert set(validation.FLOAT_DTYPES) == {d for b in backends.DESCRIPTIONS for d in b.dtypes}
-    assert _CHOICES["ri_form"] == reference.RI_FORMS and _CHOICES["margin_mode"] == reference.MARGIN_MODES
+    assert CHOICES["ri_form"] == reference.RI_FORMS and CHOICES["margin_mode"] == reference.MARGIN_MODES
 
 
 def test_auto_takes_the_first_description_that_runs_the_op():
