@@ -137,14 +137,14 @@ $(TRITON36_VENV)/.installed:
 
 gpu-verify-triton: install $(TRITON36_VENV)/.installed
 	$(PY) benchmarks/gpu_verify_triton.py
-	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py --arch 90
+	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py
 
 gpu-verify-triton-quick: install $(TRITON36_VENV)/.installed
 	$(PY) benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
 	$(TRITON36_VENV)/bin/python benchmarks/gpu_verify_triton.py --quick --out build/gpu-verify
 
 # The GPU path checked without a GPU (README, "The GPU path without a GPU"): the Triton kernels
-# compiled for sm_80 and sm_90 (Triton 3.9; 3.6 for sm_90), every candidate a launch can pick; the CUDA
+# compiled for sm_80 and sm_90 (Triton 3.9 and 3.6), every candidate a launch can pick; the CUDA
 # kernels and their glue executed on an emulated CUDA runtime (also under AddressSanitizer) with
 # ptxas's spill check, and the extension built against torch 2.14.1's CUDA build. CI runs it with
 # GPU_VERIFY=quick: the Triton compile of a first bf16 call on sm_90 with both Tritons only.

@@ -90,3 +90,21 @@ def test_backward_candidates_compile_without_spills_on_sm90(dtype):
     assert _problems(records) == []
     assert sorted(r["kernel"] for r in records if r["kernel"].startswith("grad_")) == [
         "grad_embeddings_kernel", "grad_prototypes_kernel"]  # one tile: the autotuner compiles nothing more
+
+
+@pytest.mark.parametrize("arch, forward_warps, backward_warps", [(80, {8}, {4}), (90, {4}, {8})])
+def test_ampere_takes_its_own_warps_for_float32_tiles(arch, forward_warps, backward_warps):
+    """The tiling asks Triton's target for the compute capability: on sm_80 the float32 forward
+    tiles of chunk_size 16 take 8 warps and the filtered backward tile of chunk_size 128 keeps 4
+    (with Triton 3.6, sm_80 spilled 48 B and 8 B with the sm_90 choices, kept there), spill-free."""
+    records = _compile(arch, "float32", """
+        head.forward_rows(e, w, labels, 64.0, 0.5, "arcface", -100, 16)
+        head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, "arcface", 128, 1e-6)
+        """)
+
+    def warps(kernel):
+        return {int(r["config"].split("warps=")[1].split()[0]) for r in records if r["kernel"] == kernel}
+
+    assert warps("forward_tiles_kernel") == forward_warps
+    assert warps("grad_embeddings_kernel") == warps("grad_prototypes_kernel") == backward_warps
+    assert _problems(records) == []

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
+from triton.runtime.driver import driver
 
 from ..backends import TRITON_INTERPRET, TRITON_MAX_CLASS_TILE
 
@@ -54,6 +55,22 @@ BACKWARD_CONFIGS = {
 }
 
 
+# Compute capability 8.x (checked on sm_80 with Triton 3.6 and 3.9; sm_90 keeps the choices above):
+# float32 forward tiles take 8 warps (4 spilled 8-48 B on 64 × 64, 128 × 16 and 32 × 128 tiles
+# with Triton 3.6); a backward tile reshaped for a narrower class tile halves BLOCK_B (the 16-bit
+# 64 × 16 tile spilled 36 B with 8 warps, and 20 B with 4 when filtered), one reshaped for a wider
+# class tile keeps the candidate's warps (the float32 16 × 128 tile spilled 8 B with 8; the
+# 16-bit 32 × 128 tile spilled 100-370 B with 4).
+AMPERE_FLOAT32_FORWARD_WARPS = 8
+
+
+def _ampere() -> bool:
+    """Whether Triton compiles for compute capability 8.x: the current CUDA card, or the stand-in
+    target of benchmarks/gpu_verify_triton.py."""
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and isinstance(target.arch, int) and target.arch // 10 == 8
+
+
 def _dot_kind(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "16-bit"
 
@@ -65,7 +82,8 @@ def _fit_class_tile(block_b: int, block_c: int, block_do: int, warps: int,
     (at least 32: float32 tiles with 16 spilled on sm_90) by as much, so the float32 tiles held in
     registers ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] and [BLOCK_B, BLOCK_DO]
     accumulators) stay about the size of the candidate's; the warps follow the largest of them,
-    between 4 and 8 (8 warps on a 64 × 16 float32 forward tile spilled)."""
+    between 4 and 8 (8 warps on a 64 × 16 float32 forward tile spilled), except where compute
+    capability 8.x takes its own (above)."""
     if class_tile is None:
         return block_b, block_c, block_do, warps
     widen = max(1, class_tile // block_c)
@@ -146,8 +164,11 @@ def forward_configs(dim: int, class_tile: Optional[int], dtype: torch.dtype) -> 
         del tiles["BLOCK_DO"]
         return [tiles]
     configs = []
+    ampere_float32 = dtype == torch.float32 and _ampere()
     for bb, bc, bk, warps, stages in FORWARD_CONFIGS[_dot_kind(dtype)]:
         bb, bc, _, warps = _fit_class_tile(bb, bc, 0, warps, class_tile)
+        if ampere_float32:
+            warps = AMPERE_FLOAT32_FORWARD_WARPS
         config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         if config not in configs:
             configs.append(config)
@@ -159,10 +180,16 @@ def backward_configs(dim: int, class_tile: Optional[int], filtered: bool, dtype:
         return [interpreter_tiles(dim, class_tile)]
     configs = []
     candidates = BACKWARD_CONFIGS[_dot_kind(dtype)]
+    ampere = _ampere()
     for bb, bc, bk, bdo, warps, stages in candidates:
         if filtered:
             bb, bc = candidates[0][:2]
+        candidate_c, candidate_warps = bc, warps
         bb, bc, bdo, warps = _fit_class_tile(bb, bc, bdo, warps, class_tile)
+        if ampere and bc > candidate_c:
+            warps = candidate_warps
+        elif ampere and bc < candidate_c:
+            bb = max(MIN_TILE, bb // 2)
         config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_DO=min(bdo, max(MIN_TILE, triton.next_power_of_2(dim))),
                       num_warps=warps, num_stages=stages)
         if config not in configs:
