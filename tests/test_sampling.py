@@ -131,3 +131,25 @@ def test_module_refuses_bad_rates_and_labels():
     head = ArcFaceHead(8, 10, sample_rate=0.5)
     with pytest.raises(ValueError, match="labels"):
         head(torch.randn(2, 8), torch.tensor([1, 10]))
+
+
+def test_ree_train_samples_and_leaves_the_other_prototypes(tmp_path):
+    from ree.cli import build_parser
+    from ree.train import Trainer
+    from test_ree_trainer import TinyFaces, config
+
+    parser = build_parser()
+    assert "PartialFC" in parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert parser.parse_args(["train", "--sample-rate", "0.1"]).sample_rate == 0.1
+    trainer = Trainer(config(tmp_path, "sampled", sample_rate=0.25, weight_decay=0.1),
+                      dataset=TinyFaces(n=80, classes=40))
+    head = trainer.criterion.head
+    assert head.sample_rate == 0.25
+    before = head.weight.detach().clone()
+    trainer.fit(stop_at=1)
+    outside = torch.ones(head.num_classes, dtype=torch.bool)
+    outside[head.sampled_classes] = False
+    assert head.sampled_classes.numel() == 10
+    assert bool(outside.any())
+    assert torch.equal(head.weight.detach()[outside], before[outside])
+    assert not torch.equal(head.weight.detach()[~outside], before[~outside])

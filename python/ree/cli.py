@@ -16,6 +16,8 @@ from .config import CHOICES, DEVICES, TrainConfig
 from .models.ree_model import SERFIQ_PASSES
 
 _CHOICES = {**CHOICES, "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS, "backend": BACKENDS}
+_HELP = {"sample_rate": "PartialFC's class sampling: each step's loss over the batch's classes plus uniformly drawn "
+                        "others, a fraction R in (0, 1] of all classes (arcface_torch's sample_rate; 1: every class)"}
 
 
 def _optional_int(text: str) -> Optional[int]:
@@ -52,7 +54,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = hints[f.name]
-        kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"(default: {default!r})"}
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": " ".join(filter(None, (_HELP.get(f.name), f"(default: {default!r})")))}
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "synthetic":

@@ -89,6 +89,7 @@ class REELoss(nn.Module):
         backend: str = "auto",
         seed: Optional[int] = None,
         process_group: Optional[dist.ProcessGroup] = None,
+        sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if len(weights) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
@@ -106,7 +107,7 @@ class REELoss(nn.Module):
         if method == "crfiqa":
             ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
         options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-                       ignore_index=ignore_index, backend=backend)
+                       ignore_index=ignore_index, backend=backend, sample_rate=sample_rate)
         if process_group is None:
             self.head = ArcFaceHead(embedding_size, num_classes, seed=seed, **options)
         else:
