@@ -34,7 +34,8 @@ def sampled_problem(inputs, *, seed: int, fraction: float = 0.4):
     has = labels >= 0
     positives = torch.unique(labels[has])
     g = generator(seed)
-    others = torch.tensor([c for c in torch.randperm(classes, generator=g).tolist() if c not in set(positives.tolist())])
+    taken = set(positives.tolist())
+    others = torch.tensor([c for c in torch.randperm(classes, generator=g).tolist() if c not in taken])
     extra = max(int(fraction * classes) - positives.numel(), 1)
     index = torch.cat([positives, others[:extra]])
     index = index[torch.randperm(index.numel(), generator=g)]

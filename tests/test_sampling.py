@@ -22,7 +22,7 @@ def test_num_sampled_is_the_ceiling_of_the_decimal_rate():
 
 def test_sampled_set_holds_every_label_and_has_the_right_size():
     g = torch.Generator().manual_seed(0)
-    for step in range(20):
+    for _ in range(20):
         labels = torch.randint(0, 1000, (64,), generator=g)
         labels[:3] = -100
         labels[5] = 999  # the last class

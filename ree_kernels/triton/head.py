@@ -146,7 +146,8 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     forward_finish_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
         e, w, index_arg["index_ptr"], labels, e_sq, w_sq, part_max, part_sum, part_best, part_index, splits,
         loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri, batch, classes, dim, ignore_index, scale,
-        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK,
+        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], HAS_INDEX=index is not None,
+        BLOCK_B=tiling.ROW_BLOCK,
         BLOCK_K=min(triton.next_power_of_2(dim), 128), **margin_kw, **_NO_FUSION)
     return loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri
 
@@ -182,7 +183,8 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     row_mass = torch.empty(batch, dtype=torch.float32, device=device)
     backward_rows_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
         e, w, index_arg["index_ptr"], labels, e_sq, w_sq, lse, row_grad, label_grad, row_mass, batch, classes, dim,
-        scale, HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(dim), 128), **margin_kw, **_NO_FUSION)
+        scale, HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(dim), 128),
+        **margin_kw, **_NO_FUSION)
 
     filtered = grad_filter_eps > 0.0
     # The filter skips a tile only if all its rows are certain there: grouping the rows by their
@@ -243,7 +245,8 @@ def head_forward(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
 @torch.library.custom_op("ree::triton_head_backward", mutates_args=())
 def head_backward(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                   row_grad: torch.Tensor, scale: float, margin: float, margin_mode: str, chunk_size: int,
-                  grad_filter_eps: float, class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  grad_filter_eps: float, class_index: Optional[torch.Tensor] = None,
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(∂/∂embeddings, ∂/∂prototypes) of Σ row_grad_i·loss_i, given the saved lse."""
     return backward_grads(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
                           chunk_size, grad_filter_eps, class_index=class_index)

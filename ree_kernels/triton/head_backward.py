@@ -20,12 +20,12 @@ from .formulas import (
     NO_IGNORE_INDEX,
     clamp_cosine,
     cosine_numerators,
-    prototype_offsets,
     dot_operand,
     inverse_norm,
     label_cosine,
     margin_logit,
     norm_clamped,
+    prototype_offsets,
     row_targets,
     to_input_dtype,
 )

@@ -17,10 +17,10 @@ from .formulas import (
     LOG2E,
     clamp_cosine,
     cosine_numerators,
-    prototype_offsets,
     inverse_norm,
     label_cosine,
     margin_logit,
+    prototype_offsets,
     recognizability_index,
     row_targets,
 )
