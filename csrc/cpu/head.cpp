@@ -615,9 +615,11 @@ struct Prepared {
 // The worker threads take the caller's thread-local state: the ATen calls there must also run
 // below autograd, as the op itself does.
 
-// Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp.
+// Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp. With
+// `keep` (B × C in T), each chunk's products stay there, chunk after chunk, for backward_pass.
 template <typename scalar_t, typename T>
-void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out) {
+void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out,
+                  T* keep = nullptr) {
   const int64_t chunks = (in.classes + chunk - 1) / chunk;
   std::vector<std::vector<RowState<T>>> ranges(chunks);  // filled at each range's first chunk
   const int64_t* labels = in.labels.template data_ptr<int64_t>();
@@ -631,7 +633,8 @@ void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t 
     Tensor s_buffer = at::empty({in.batch * std::min(chunk, in.classes)}, in.v_hat.options());
     for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
       const int64_t n = std::min(chunk, in.classes - c0);
-      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+      Tensor s = keep ? at::from_blob(keep + in.batch * c0, {in.batch, n}, in.v_hat.options())
+                      : s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
       at::mm_out(s, in.v_hat, in.prototype_chunk(c0, n, w_buffer).t());
       const T* sp = s.data_ptr<T>();
       for (int64_t i = 0; i < in.batch; ++i) {
@@ -649,10 +652,11 @@ void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t 
 }
 
 // Gradients of Σ_i coef_i · loss_i given each row's lse; chunks of classes, recomputing the
-// cosines. Returns (grad_embeddings, grad_prototypes).
+// cosines, or taking them from `kept` (forward_pass's `keep`, the same chunking; overwritten).
+// Returns (grad_embeddings, grad_prototypes).
 template <typename scalar_t, typename T>
 std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk,
-                                         const T* lse, const T* coef) {
+                                         const T* lse, const T* coef, T* kept = nullptr) {
   constexpr bool same = std::is_same<scalar_t, T>::value;
   const int64_t chunks = (in.classes + chunk - 1) / chunk;
   Tensor grad_w = at::empty({in.classes, in.dim}, in.protos.options());  // by column
@@ -670,8 +674,13 @@ std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const 
     for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
       const int64_t n = std::min(chunk, in.classes - c0);
       const Tensor wc = in.prototype_chunk(c0, n, w_buffer);
-      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
-      at::mm_out(s, in.v_hat, wc.t());
+      Tensor s;
+      if (kept) {
+        s = at::from_blob(kept + in.batch * c0, {in.batch, n}, in.v_hat.options());
+      } else {
+        s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+        at::mm_out(s, in.v_hat, wc.t());
+      }
       T* sp = s.data_ptr<T>();
       for (int64_t i = 0; i < in.batch; ++i) {
         T* row = sp + i * n;
@@ -894,8 +903,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       return;
     }
     const int64_t chunk = class_chunk(chunk_size, in.classes);
-    forward_pass(in, p, chunk, out);
-    std::tie(grad_e, grad_w) = backward_pass(in, p, chunk, out.lse, coef.data_ptr<acc_t>());
+    // With a class index, the chunks' products are kept for the gradient where they fit the
+    // row-block workspace: three products, as whole rows take, without gathering all C' rows.
+    Tensor kept;
+    if (in.index.defined() && in.batch * in.classes <= kRowBlockElements) {
+      kept = at::empty({in.batch * in.classes}, in.v_hat.options());
+    }
+    acc_t* keep = kept.defined() ? kept.data_ptr<acc_t>() : nullptr;
+    forward_pass(in, p, chunk, out, keep);
+    std::tie(grad_e, grad_w) = backward_pass(in, p, chunk, out.lse, coef.data_ptr<acc_t>(), keep);
   });
   // Σ_i coef_i · loss_i in a fixed order (ignored rows have coef 0 and loss 0).
   const Tensor loss = (coef.to(at::kDouble) * std::get<0>(rows).to(at::kDouble)).sum().to(sdt);
