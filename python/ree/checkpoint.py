@@ -23,13 +23,15 @@ from typing import Any, Dict, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from .errors import UserError
+
 FORMAT = "ree-checkpoint"
 VERSION = 2  # 2: plain values only (the NumPy RNG state as a tensor), and the training set's classes
 REQUIRED = ("format", "version", "config", "step", "num_classes", "class_names", "model", "criterion", "optimizer",
             "scheduler", "rng", "sampler")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: unreadable, corrupt, not ours, or for another run."""
 
 
@@ -66,6 +68,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu",
             (refused unread), not a ree checkpoint, of another format version, or lacking any
             of `required`."""
     path = Path(path)
+    if path.is_dir():
+        inside = f" ({path / 'last.pt'} is one)" if (path / "last.pt").is_file() else ""
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file{inside}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

@@ -1,23 +1,21 @@
-"""`python -m ree` / `ree`: train | eval | quality | export | demo | lfw."""
+"""`python -m ree` / `ree`: train | eval | quality | export | demo | lfw.
+
+Every subcommand runs through `ree.errors.run_command`: a user mistake ends in one line
+`ree <command>: error: …` and exit status 2, a bug in a traceback (`--debug` shows both)."""
 from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ree_kernels import BACKENDS
-from ree_kernels.reference import MARGIN_MODES, RI_FORMS
-
-from .config import CHOICES, DEVICES, TrainConfig
+from . import errors, runs
+from .config import CHOICES, DEVICES, FIELD_HELP, TrainConfig
 from .models.ree_model import SERFIQ_PASSES
-
-_CHOICES = {**CHOICES, "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS, "backend": BACKENDS}
-_HELP = {"sample_rate": "PartialFC's class sampling: each step's loss over the batch's classes plus uniformly drawn "
-                        "others, a fraction R in (0, 1] of all classes (arcface_torch's sample_rate; 1: every class)"}
 
 
 def _optional_int(text: str) -> Optional[int]:
@@ -55,12 +53,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         kind = hints[f.name]
         kwargs: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                  "help": " ".join(filter(None, (_HELP.get(f.name), f"(default: {default!r})")))}
+                                  "help": f"{FIELD_HELP[f.name]} (default: {default!r})"}
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "synthetic":
             group.add_argument(flag, type=_key_value, action="append", metavar="KEY=VALUE",
-                               help="override a ree.data.synthetic.SyntheticConfig field (repeatable)",
+                               help=FIELD_HELP[f.name] + " (repeatable)",
                                dest=f.name, default=argparse.SUPPRESS)
         elif f.name == "milestones":
             group.add_argument(flag, type=float, nargs="+", metavar="FRACTION", **kwargs)
@@ -69,82 +67,102 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif kind == Optional[str]:
             group.add_argument(flag, type=str, **kwargs)
         else:
-            group.add_argument(flag, type=kind, choices=_CHOICES.get(f.name), **kwargs)
+            group.add_argument(flag, type=kind, choices=CHOICES.get(f.name), **kwargs)
+
+
+def _debug_flag() -> argparse.ArgumentParser:
+    """--debug, accepted before the subcommand and after it."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (user mistakes are otherwise one line)")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
+    debug = _debug_flag()
     parser = argparse.ArgumentParser(prog="ree", description="REE face recognition: training, evaluation, "
-                                     "quality scoring and ONNX export on the ree_kernels ops.")
+                                     "quality scoring and ONNX export on the ree_kernels ops.", parents=[debug])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,quality,export,demo,lfw}")
 
-    train = sub.add_parser("train", help="train REE (or the ArcFace baseline with --method arcface)")
+    train = sub.add_parser("train", help="train REE (or the ArcFace baseline with --method arcface)", parents=[debug])
     train.add_argument("--config", type=Path, help="a TrainConfig JSON file (flags override it)")
     train.add_argument("--insightface-config", type=Path, metavar="FILE",
                        help="an insightface arcface_torch config (configs/*.py), read without running it (flags "
                             "override it; docs/pretrained.md)")
     train.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                       help="continue a run bitwise; without a path, <output-dir>/last.pt")
+                       help="continue a run bitwise (its config comes from the checkpoint); without a path, "
+                            "<output-dir>/last.pt")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir (its checkpoint, log and TensorBoard files)")
+    train.add_argument("--lfw", type=Path, default=None, help="LFW folder or .tgz for --data lfw* (default: "
+                       "$REE_LFW_DIR, then scikit-learn's cache)")
     train.add_argument("--nproc", type=_process_count, metavar="N",
                        help="train in N processes on this machine (one per GPU; gloo on the CPU), launched "
                             "through torch.distributed.run; --batch-size is the global batch")
     _add_config_flags(train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (docs/spec.md §7)")
-    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on the synthetic test split (docs/spec.md §7)",
+                              parents=[debug])
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by ree train")
     evaluate.add_argument("--output", type=Path, help="report directory (default: next to the checkpoint)")
     evaluate.add_argument("--data", help="'synthetic' (its test split), an ImageFolder directory or a .rec file "
                           "(every image); default: the checkpoint's training source")
     evaluate.add_argument("--pairs", type=int, default=6000, help="verification pairs (fewer if the set is small)")
-    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when present), cpu or cuda")
 
     quality = sub.add_parser(
         "quality",
         help="score a folder of face crops: one CSV row per image with every quality score the checkpoint has",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=QUALITY_COLUMNS)
-    quality.add_argument("--checkpoint", type=Path, required=True)
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=QUALITY_COLUMNS, parents=[debug])
+    quality.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by ree train")
     quality.add_argument("--images", type=Path, required=True,
                          help="folder searched recursively (linked folders too) for face crops framed as below")
     quality.add_argument("--output", type=Path, required=True, help="CSV file to write")
-    quality.add_argument("--batch-size", type=int, default=256)
-    quality.add_argument("--device", choices=DEVICES, default="auto")
-    export = sub.add_parser("export", help="write ONNX (outputs: embedding, quality), checked with onnxruntime")
-    export.add_argument("--checkpoint", type=Path, required=True)
-    export.add_argument("--output", type=Path, required=True)
-    export.add_argument("--opset", type=int, default=None)
+    quality.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    quality.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when present), cpu or cuda")
+    export = sub.add_parser("export", help="write ONNX (outputs: embedding, quality), checked with onnxruntime",
+                            parents=[debug])
+    export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by ree train")
+    export.add_argument("--output", type=Path, required=True, help="the .onnx file to write")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
     demo = sub.add_parser("demo", help="the main job: LFW-VLR with REE, ArcFace and CR-FIQA (one seed) when LFW is "
-                          "found, else the synthetic demo; writes a report")
-    demo.add_argument("--output", type=Path, default=Path("runs/demo"))
+                          "found, else the synthetic demo; writes a report", parents=[debug])
+    demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="the report's folder")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes less, numbers meaningless)")
     demo.add_argument("--lfw", type=Path, default=None, help="LFW folder or .tgz (default: $REE_LFW_DIR, then "
                       "scikit-learn's cache)")
     demo.add_argument("--synthetic", action="store_true", help="the synthetic demo even where LFW is found")
-    lfw = sub.add_parser("lfw", help="the LFW-VLR benchmark: main table over seeds, or the ablations (docs/lfw.md)",
-                         add_help=False)
-    lfw.add_argument("args", nargs=argparse.REMAINDER, help="the arguments of `python -m ree.lfw` (see --help there)")
+    # Its options are `python -m ree.lfw`'s, passed on unparsed (main() collects them).
+    lfw = sub.add_parser("lfw", help="the LFW-VLR benchmark: main table over seeds, or the ablations (docs/lfw.md); "
+                         "`ree lfw --help` lists its options", add_help=False)
     for command in (train, evaluate, quality, export, demo, lfw):
         command.set_defaults(subparser=command)  # its own usage line in errors
     return parser
 
 
-def _train_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+def _train_config(args: argparse.Namespace) -> Tuple[TrainConfig, Optional[Path]]:
+    """The run's TrainConfig and the checkpoint to resume (None: a new run). A resumed run takes
+    its config from the checkpoint (from --config where given); flags override either."""
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if "synthetic" in overrides:
         overrides["synthetic"] = dict(overrides["synthetic"])
     base: Dict[str, Any] = {}
     if args.config is not None:
         base = TrainConfig.load(args.config).to_dict()
-    elif args.resume not in (None, "auto"):
+    resume: Optional[Path] = None
+    if args.resume == "auto":
+        output_dir = overrides.get("output_dir", base.get("output_dir", TrainConfig.output_dir))
+        resume = Path(output_dir) / "last.pt"
+    elif args.resume is not None:
+        resume = Path(args.resume)
+    if resume is not None and args.config is None:
         from .checkpoint import load
 
-        base = dict(load(args.resume, required=("config",))["config"])
-    try:
-        base.update(_pretrained_fields(args, overrides))
-        return TrainConfig.from_dict({**base, **overrides})
-    except (TypeError, ValueError) as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+        base = dict(load(resume, required=("config",))["config"])
+    base.update(_pretrained_fields(args, overrides))
+    return TrainConfig.from_dict({**base, **overrides}), resume
 
 
 def _pretrained_fields(args: argparse.Namespace, overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -164,25 +182,31 @@ def _pretrained_fields(args: argparse.Namespace, overrides: Dict[str, Any]) -> D
 def _command_train(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     import torch
 
-    from .devices import resolve_device
+    from .data.lfw import ENV_VAR
+    from .devices import check_backend, resolve_device
     from .distributed import launch, launched_world, process_group_from_env
 
-    config = _train_config(args, parser)
+    if args.overwrite and args.resume is not None:
+        parser.error("--overwrite replaces the run that --resume continues: give one of them")
+    if args.lfw is not None:
+        os.environ[ENV_VAR] = str(args.lfw)  # read where the data is built, here or in torchrun's processes
+    config, resume = _train_config(args)
     launched = launched_world()
     if args.nproc is not None and launched is not None and args.nproc != launched:
         parser.error(f"--nproc {args.nproc} in a run whose launcher started {launched} processes: leave --nproc out")
     world = launched or args.nproc or 1
-    try:
-        config.check_world_size(world)
-        cuda = resolve_device(config.device).type == "cuda"
-    except ValueError as err:
-        parser.error(str(err))
+    config.check_world_size(world)
+    device = resolve_device(config.device)
+    check_backend(config.backend, device)
+    cuda = device.type == "cuda"
+    runs.claim_for_process(config.output_dir, resume=resume is not None, overwrite=args.overwrite)
     if launched is None and world > 1:
         if cuda and world > torch.cuda.device_count():
-            parser.error(f"--nproc {world} needs a GPU per process; torch sees {torch.cuda.device_count()}")
-        return launch(world, _without_nproc(argv))
+            raise errors.DeviceError(f"--nproc {world} needs a GPU per process; torch sees "
+                                     f"{torch.cuda.device_count()}")
+        return launch(world, _without_nproc(argv), runs.claimed_env(config.output_dir))
     with process_group_from_env(cuda) as ranks:
-        return _train(config, args.resume, ranks.leader)
+        return _train(config, resume, ranks.leader)
 
 
 def _without_nproc(argv: Sequence[str]) -> List[str]:
@@ -200,26 +224,32 @@ def _without_nproc(argv: Sequence[str]) -> List[str]:
     return out
 
 
-def _train(config: TrainConfig, resume: Optional[str | Path], leader: bool) -> int:
+def _train(config: TrainConfig, resume: Optional[Path], leader: bool) -> int:
     """One process's training (every rank runs it; rank 0 writes the files and prints). A
-    function of its own, so that the trainer and its DDP model are gone when it returns."""
+    function of its own, so that the trainer and its DDP model are gone when it returns.
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (`ree.runs.StopSignals`)."""
     from .train import Trainer
 
-    if resume == "auto":
-        resume = Path(config.output_dir) / "last.pt"
-    if leader:
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, resume=resume)
-    if leader:
-        config.save(Path(config.output_dir) / "config.json")
-    path = trainer.fit()
+    with runs.StopSignals(announce=leader) as stop:
+        if leader:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            runs.remove_stale_temporaries(config.output_dir, config.cache_dir)
+        trainer = Trainer(config, resume=resume)
+        if leader:
+            config.save(Path(config.output_dir) / "config.json")
+        stop.arm()
+        path = trainer.fit(stop_requested=stop)
+    if trainer.interrupted:
+        if leader:
+            print(f"ree train: stopped at step {trainer.step} of {config.steps} ({stop.requested}); checkpoint {path}; "
+                  f"continue with: ree train --resume {path}", file=sys.stderr)
+        return errors.INTERRUPTED
     if leader:
         print(f"trained {trainer.step} steps; checkpoint {path}")
     return 0
 
 
 def _command_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
     from .evaluation.pipeline import evaluate_checkpoint
 
     if args.pairs < 2:
@@ -229,7 +259,7 @@ def _command_eval(args: argparse.Namespace) -> int:
         summary = evaluate_checkpoint(args.checkpoint, output, data=args.data, device=args.device,
                                       num_pairs=args.pairs)
     except ValueError as err:
-        if isinstance(err, CheckpointError):
+        if isinstance(err, errors.UserError):
             raise
         args.subparser.error(str(err))
     print(summary)
@@ -307,26 +337,22 @@ def _command_demo(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
+    args, extra = parser.parse_known_args(argv)
+    debug = getattr(args, "debug", False)
+    if args.command == "lfw":
+        from .lfw.__main__ import main as lfw_main
 
-    try:
-        if args.command == "train":
-            return _command_train(args, args.subparser, argv)
-        if args.command == "eval":
-            return _command_eval(args)
-        if args.command == "quality":
-            return _command_quality(args, args.subparser)
-        if args.command == "export":
-            return _command_export(args)
-        if args.command == "lfw":
-            from .lfw.__main__ import main as lfw_main
-
-            return lfw_main(args.args)
-        return _command_demo(args)
-    except CheckpointError as err:
-        print(f"ree {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return errors.run_command("lfw", lambda: lfw_main(extra), debug=debug)
+    if extra:
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
+    commands = {
+        "train": lambda: _command_train(args, args.subparser, argv),
+        "eval": lambda: _command_eval(args),
+        "quality": lambda: _command_quality(args, args.subparser),
+        "export": lambda: _command_export(args),
+        "demo": lambda: _command_demo(args),
+    }
+    return errors.run_command(args.command, commands[args.command], debug=debug)
 
 
 if __name__ == "__main__":

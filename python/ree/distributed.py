@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,22 +54,49 @@ def launched_world() -> Optional[int]:
     return None if world is None else int(world)
 
 
-def launch(nproc: int, argv: Sequence[str]) -> int:
+def launch(nproc: int, argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> int:
     """Runs `python -m ree <argv>` in `nproc` processes on this machine through
     torch.distributed.run (torchrun --standalone) and waits for them; their exit status.
     Without OMP_NUM_THREADS, each process gets the machine's cores divided by nproc (torchrun
-    would set 1)."""
-    env = dict(os.environ)
+    would set 1); `env` is added to their environment.
+
+    SIGINT and SIGTERM to this process are passed on to torchrun, which passes them on to the
+    processes it started: they stop together after the step in progress and write the
+    checkpoint (`ree.runs`); the status is then 130. torchrun runs in a session of its own, so that a Ctrl-C in the
+    terminal reaches each process once, through this one, rather than all of them at once."""
+    from .runs import forward_signals
+
+    env = {**os.environ, **(env or {})}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    # torchrun's own temporary folder (it leaves one per run otherwise) goes where it is removed
+    log_dir = tempfile.mkdtemp(prefix="ree-torchrun-")
+    command = [sys.executable, "-c", _TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", f"--log-dir={log_dir}",
                "-m", "ree", *argv]
-    process = subprocess.Popen(command, env=env)
     try:
-        return process.wait()
-    except BaseException:
-        process.terminate()  # torchrun passes it on to the processes it started
-        process.wait()
-        raise
+        process = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            with forward_signals(process) as received:
+                status = process.wait()
+        except BaseException:
+            process.terminate()  # torchrun passes it on to the processes it started
+            process.wait()
+            raise
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    # Stopped by a signal: the processes have said where their checkpoint is.
+    return 130 if received else status
+
+
+_TORCHRUN = """
+import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+try:
+    main()
+except SignalException:  # stopped by the signal ree passed on: the workers have written their checkpoint
+    sys.exit(130)
+"""
+"""torchrun (`python -m torch.distributed.run`), without its traceback when a signal stops it."""
 
 
 @contextmanager
@@ -209,6 +238,16 @@ def nonfinite_ranks(value: torch.Tensor, ranks: Ranks) -> List[int]:
     if ranks.world > 1:
         dist.all_reduce(flags, group=ranks.group)
     return [rank for rank in range(ranks.world) if flags[rank] > 0]
+
+
+def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank, known to every rank (one all-reduce with several),
+    so that they all take the same branch before their next collective."""
+    if ranks.world == 1:
+        return bool(flag)
+    total = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(total, group=ranks.group)
+    return bool(total.item() > 0)
 
 
 def mean_over_ranks(values: Sequence[float], ranks: Ranks, device: torch.device) -> List[float]:

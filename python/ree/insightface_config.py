@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from .errors import ConfigError
 from .models.arcface_torch import ARCFACE_TORCH_ARCHS
 
 BASE: Dict[str, Any] = {"network": "r50", "embedding_size": 512, "margin_list": (1.0, 0.5, 0.0), "sample_rate": 1.0,
@@ -50,7 +51,7 @@ IGNORED = frozenset({
 MAPPED = frozenset(BASE) | {"num_epoch"}
 
 
-class InsightfaceConfigError(ValueError):
+class InsightfaceConfigError(ConfigError):
     """The file cannot be read, or holds something this mapping refuses (the message names it)."""
 
 

@@ -5,6 +5,9 @@ only computes the rows."""
 from __future__ import annotations
 
 import csv
+import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -13,20 +16,36 @@ LOG_FIELDS = ("step", "epoch", "lr", "loss", "cls", "l1", "id", "mse", "ri_mean"
 """The columns of log.csv (and, but for "step", the TensorBoard scalars train/<field>)."""
 
 
+def _complete(row: Dict[str, Optional[str]]) -> bool:
+    """A log row with every field, its step an integer (not one torn by a kill mid-write)."""
+    return all(row.get(k) not in (None, "") for k in LOG_FIELDS) and row["step"].isdigit() and None not in row
+
+
+def tensorboard_installed() -> bool:
+    """Whether the tensorboard package (which torch.utils.tensorboard writes through) is importable."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 class CsvLog:
     """log.csv, appended to; a resumed run first drops the rows past its checkpoint's step
-    (written by the interrupted run after its last checkpoint), so the log reads as one run."""
+    (written by the interrupted run after its last checkpoint) and a row a kill cut short, so the
+    log reads as one run. That rewrite is atomic (a temporary file, then a rename)."""
 
     def __init__(self, path: Path, step: int) -> None:
         self.path = path
         rows = []
         if step > 0 and path.is_file():
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with path.open("w", newline="") as f:
-            out = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            out.writeheader()
-            out.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if _complete(r) and int(r["step"]) <= step]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+                out.writeheader()
+                out.writerows(rows)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def write(self, row: Dict[str, float]) -> None:
         with self.path.open("a", newline="") as f:
@@ -44,6 +63,11 @@ class TrainLog:
         self.csv = CsvLog(output_dir / "log.csv", step) if log_csv else None
         self.writer: Optional[Any] = None
         self.bar: Optional[Any] = None
+        if tensorboard and not tensorboard_installed():
+            # on by default, but an extra: a base install trains without it rather than failing
+            print("TensorBoard logging off: tensorboard is not installed (pip install 'ree-kernels[tensorboard]'; "
+                  "--no-tensorboard silences this)", file=sys.stderr)
+            tensorboard = False
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

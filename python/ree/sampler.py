@@ -6,6 +6,8 @@ from typing import Dict, Iterator, List
 
 import torch
 
+from .errors import ConfigError
+
 
 class EpochBatchSampler:
     """Batches of indices as a function of the global step: epoch e is a permutation seeded by
@@ -13,12 +15,12 @@ class EpochBatchSampler:
     position is therefore the step, and a resumed run draws the very same batches.
 
     Raises:
-        ValueError: batch_size exceeds num_samples.
+        ConfigError (a ValueError): batch_size exceeds num_samples.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
         if num_samples < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {num_samples} training images")
+            raise ConfigError(f"batch_size={batch_size} exceeds the {num_samples} training images")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.steps_per_epoch = num_samples // batch_size
         self._epoch, self._perm = -1, None

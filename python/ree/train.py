@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .config import RESUME_MUTABLE, TrainConfig
 from .data.arrays import to_tensor
 from .data.degrade import downsample, draw_uis, synthesize_uis
 from .data.sources import build_dataset, class_names, num_classes
-from .devices import autocast_dtype, resolve_device
+from .devices import autocast_dtype, check_backend, resolve_device
 from .distributed import Ranks
 from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
@@ -67,6 +67,7 @@ class Trainer:
         self.ranks = Ranks.current()
         config.check_world_size(self.ranks.world)
         self.device = resolve_device(config.device)
+        check_backend(config.backend, self.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)
         self.dataset = build_dataset(config) if dataset is None else dataset
         self.num_classes = num_classes(self.dataset)
@@ -114,6 +115,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, config.seed)
         self.step = 0
+        self.interrupted = False
         self.output_dir = Path(config.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
@@ -267,10 +269,15 @@ class Trainer:
         self.step += 1
         return losses, grad_norm
 
-    def fit(self, stop_at: Optional[int] = None) -> Path:
+    def fit(self, stop_at: Optional[int] = None, stop_requested: Optional[Callable[[], bool]] = None) -> Path:
         """Trains up to `config.steps` (or `stop_at`, to interrupt a run on purpose) and returns
         the path of the checkpoint written at the end. Only rank 0 writes the log, TensorBoard
-        and the checkpoints."""
+        and the checkpoints.
+
+        `stop_requested` (e.g. `ree.runs.StopSignals`) is polled after each step; once it is
+        true on any rank, every rank stops there and the checkpoint is written, so the run
+        resumes exactly (`interrupted` is then True)."""
+        self.interrupted = False
         stop = self.config.steps if stop_at is None else min(stop_at, self.config.steps)
         leader = self.ranks.leader
         if leader:
@@ -288,6 +295,12 @@ class Trainer:
                 if self.step % self.config.log_every == 0 or self.step == stop:
                     sinks.write(self._log_row(losses, grad_norm, seen / max(time.perf_counter() - tick, 1e-9)))
                     tick, seen = time.perf_counter(), 0
+                # polled after the step, before the next batch is fetched (a DataLoader's workers
+                # may have been stopped by the same Ctrl-C)
+                asked = stop_requested is not None and self.step < stop
+                if asked and distributed.any_rank(stop_requested(), self.ranks, self.device):
+                    self.interrupted = True
+                    break
                 if self.step % self.config.save_every == 0 and self.step != stop:
                     self.save_checkpoint()
             return self.save_checkpoint()

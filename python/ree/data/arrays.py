@@ -32,8 +32,13 @@ def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     concurrent run) never sees a half-written file."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:  # an interrupt too: no temporary left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(eq=False)  # arrays do not compare to one bool

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .arrays import FaceArrays, to_tensor
 from .images import decode_resized
 from .recordio import RecordIODataset
@@ -32,7 +33,7 @@ class ImageFolderDataset(Dataset):
 
     Raises:
         FileNotFoundError: `root` is not a directory.
-        ValueError: `root` holds no identity folder, or an identity folder holds no image (it
+        DataError (a ValueError): `root` holds no identity folder, or an identity folder holds no image (it
             would be a class without images: the message names the folders).
     """
 
@@ -51,10 +52,10 @@ class ImageFolderDataset(Dataset):
                 empty.append(folder)
             self.samples += [(os.path.join(folder, f), label) for f in files]
         if not self.classes:
-            raise ValueError(f"root: {self.root} holds no identity folders (expected root/<identity>/<image>)")
+            raise DataError(f"root: {self.root} holds no identity folders (expected root/<identity>/<image>)")
         if empty:
             more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
-            raise ValueError(f"root: identity folder {', '.join(empty[:3])}{more} holds no images (extensions "
+            raise DataError(f"root: identity folder {', '.join(empty[:3])}{more} holds no images (extensions "
                              f"{', '.join(IMAGE_EXTENSIONS)}); remove it or add its images, or it becomes a class "
                              "without images")
         self.labels = np.array([label for _, label in self.samples], np.int64)

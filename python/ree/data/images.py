@@ -31,6 +31,8 @@ from typing import Iterator, Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from ..errors import DataError
+
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 _CONVERTED = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -66,7 +68,7 @@ def decode_image(source: ImageSource, name: Optional[str] = None) -> np.ndarray:
     except _Refused:
         raise
     except Exception as error:  # noqa: BLE001 - Pillow raises many types (OSError, SyntaxError, struct.error, ...) on bad data
-        raise ValueError(f"{name}: not a readable image ({type(error).__name__}: {error})") from error
+        raise DataError(f"{name}: not a readable image ({type(error).__name__}: {error})") from error
 
 
 def decode_resized(source: ImageSource, image_size: int, name: Optional[str] = None) -> tuple[np.ndarray, int]:
@@ -82,7 +84,7 @@ def decode_resized(source: ImageSource, image_size: int, name: Optional[str] = N
     return pixels, native
 
 
-class _Refused(ValueError):
+class _Refused(DataError):
     """A readable image that `decode_image` will not turn into RGB (already names the image)."""
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 from PIL import Image
 
+from ..errors import DataError, UserError
 from .arrays import save_npz_atomic
 from .images import decode_image
 
@@ -50,11 +51,11 @@ The funneled and original LFW images centre the face the same way, at 250 × 250
 _IMAGE_NAME = re.compile(r"^(?P<name>.+)_(?P<num>\d{4})\.jpg$")
 
 
-class LfwNotFound(FileNotFoundError):
+class LfwNotFound(UserError, FileNotFoundError):
     """No LFW copy where it was looked for; the message lists the places and how to provide one."""
 
 
-class PairsError(ValueError):
+class PairsError(DataError):
     """A malformed pairs file; the message names the file and the line."""
 
 
@@ -165,9 +166,9 @@ def find_lfw(path: str | os.PathLike | None = None) -> LfwSource:
     cache = sklearn_cache()
     if cache.is_dir():
         return open_source(cache)
-    raise LfwNotFound(f"LFW not found: pass --lfw DIR, set {ENV_VAR} to a folder holding lfw-deepfunneled/ "
-                      f"(or lfw_funneled/, lfw/, or their .tgz) and the pairs files, or fetch it with "
-                      f"scikit-learn (looked in {cache})")
+    raise LfwNotFound(f"LFW not found: set {ENV_VAR} (or pass --lfw DIR to ree train, demo or lfw) to a folder "
+                      f"holding lfw-deepfunneled/ (or lfw_funneled/, lfw/, or their .tgz) and the pairs files, or "
+                      f"fetch it with scikit-learn (looked in {cache})")
 
 
 # --------------------------------------------------------------------------------------------- pairs

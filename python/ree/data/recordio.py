@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError
 from .arrays import to_tensor
 from .images import decode_resized
 
@@ -30,7 +31,7 @@ _LENGTH_MASK = (1 << 29) - 1
 _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
 
 
-class RecordIOError(ValueError):
+class RecordIOError(DataError):
     """A malformed .rec / .idx file (the message names the file and where)."""
 
 

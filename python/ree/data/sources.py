@@ -7,6 +7,12 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from ..errors import ConfigError
+
+DATA_HELP = ("'synthetic', 'lfw' (the LFW-VLR training people of the test split), 'lfw-val', 'lfw-fold1' … "
+             "'lfw-fold10', an ImageFolder directory (<dir>/<identity>/<image>) or an insightface .rec file")
+"""The values `TrainConfig.data` accepts, as `ree train --help` lists them."""
+
 
 def build_dataset(config: Any) -> Any:
     """The training set named by `config.data` (a `ree.config.TrainConfig`): "synthetic"
@@ -16,8 +22,8 @@ def build_dataset(config: Any) -> Any:
     (`ImageFolderDataset`) or a `.rec` file (`RecordIODataset`), at the model's input size.
 
     Raises:
-        ValueError: `data` is none of these (or the set is empty or malformed: the readers'
-            errors name the file or folder).
+        ConfigError (a ValueError): `data` is none of these. DataError / LfwNotFound: the set
+            is missing, empty or malformed (the readers' errors name the file or folder).
     """
     size = config.model_config().resolved_input_size
     if config.data == "synthetic":
@@ -29,9 +35,9 @@ def build_dataset(config: Any) -> Any:
         from .lfw import find_lfw, load_crops
 
         split = "test" if config.data == "lfw" else config.data[len("lfw-"):]
-        if split not in SPLITS or config.data == "lfw-test":
-            raise ValueError(f"data {config.data!r}: the LFW training sets are 'lfw' (the test split's), "
-                             f"{', '.join(repr('lfw-' + s) for s in SPLITS if s != 'test')}")
+        if config.data != "lfw" and (split not in SPLITS or split == "test"):
+            raise ConfigError(f"data {config.data!r}: the LFW training sets are 'lfw', "
+                              f"{', '.join(repr('lfw-' + s) for s in SPLITS if s != 'test')}")
         source = find_lfw()
         crops = load_crops(source, size, cache_dir=config.cache_dir)
         return training_set(crops, people(crops, source, split))
@@ -44,8 +50,7 @@ def build_dataset(config: Any) -> Any:
         from .recordio import RecordIODataset
 
         return RecordIODataset(path, image_size=size)
-    raise ValueError(f"data must be 'synthetic', 'lfw', 'lfw-val', 'lfw-fold<k>', an ImageFolder directory or a "
-                     f".rec file; {config.data!r} is none")
+    raise ConfigError(f"data must be {DATA_HELP}; {config.data!r} is none (no such folder or .rec file)")
 
 
 def num_classes(dataset: Any) -> int:

@@ -113,24 +113,32 @@ def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[
     return text
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `ree lfw` / `python -m ree.lfw`."""
     parser = argparse.ArgumentParser(prog="ree lfw", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--lfw", type=Path, default=None,
                         help=f"LFW folder or .tgz (default: ${lfw.ENV_VAR}, then scikit-learn's cache)")
-    parser.add_argument("--suite", choices=("main", "ablation"), default="main")
+    parser.add_argument("--suite", choices=("main", "ablation"), default="main",
+                        help="main: REE, ArcFace and CR-FIQA over --seeds; ablation: REE with one part changed each")
     parser.add_argument("--split", choices=("val", "test"), default=None,
                         help="evaluation people: DevTrain (val, for tuning) or DevTest (test); "
                              "default: test for main, val for ablation")
     parser.add_argument("--protocol", choices=("devtest", "view2"), default="devtest",
                         help="devtest: View 1 (DevTrain/DevTest); view2: the ten folds of pairs.txt")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=experiment.Budget.steps)
-    parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training per method and seed")
+    parser.add_argument("--steps", type=int, default=experiment.Budget.steps, help="optimiser steps per training")
+    parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112),
+                        help="the model's input side in pixels")
     parser.add_argument("--min-images", type=int, default=experiment.Budget.min_images,
                         help="images a training person needs")
     parser.add_argument("--variants", nargs="+", default=None, help="ablation suite: only these variants")
     parser.add_argument("--output", type=Path, default=None, help="default runs/lfw-<suite>-<split>")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     split = args.split or ("val" if args.suite == "ablation" else "test")
     if args.protocol == "view2":

