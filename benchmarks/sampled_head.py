@@ -5,13 +5,15 @@ hold on a loaded machine.
 
     PYTHONPATH=.:python python benchmarks/sampled_head.py --out benchmarks/results/sampled_head_cpu.json
 
-Cases (median of --repeats after one warm-up, seconds):
+Cases (median of --repeats rounds after a warm-up round, each round taking every case in turn; seconds):
 - full:        arcface_head(backend="cpu") over all C prototypes, loss.backward() into a [C, D] .grad
 - sampled:     the draw (sample_classes) + arcface_head(class_index=...) + backward: the kernel reads
                the C' rows through the index; the gradient is scattered into the [C, D] .grad
 - draw:        sample_classes alone (a C-long uniform draw and a top-k)
 - sampled-op:  the op alone on a fixed draw (torch.ops.ree.head_forward_with_grad with the index): the
                kernel's cost, its gradient [C', D], without the [C, D] .grad the parameter needs
+- grad-scatter: the [C, D] .grad from the op's [C', D] gradient alone (zeros + index_copy_), which
+               a dense parameter needs whatever computes the gradient
 - gathered:    arcface_head over prototypes[index] (a C' × D copy) + backward, the copy the index avoids
 - floor-full, floor-sampled: E·Wᵀ, G·W and Gᵀ·E for W of C and of C' rows
 """
@@ -33,14 +35,17 @@ from ree_kernels import reference, sample_classes
 from ree_kernels.backends import kernel_op
 
 
-def timed(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(cases: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """The median time of each case, the cases taken in turn in each round (after a warm-up
+    round), so that a machine whose load changes during the run slows all of them alike."""
+    times: Dict[str, list] = {name: [] for name in cases}
+    for round_ in range(repeats + 1):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if round_ > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,6 +85,11 @@ def main() -> None:
             kernel_op("cpu", "head_forward_with_grad")(emb, weight, draw.labels, coef, 64.0, 0.5, "arcface", -100, 0,
                                                        0.0, None, "product", draw.class_index)
 
+    compact = torch.randn(sampled, args.dim, generator=g)
+
+    def grad_scatter() -> None:
+        torch.zeros(args.classes, args.dim).index_copy_(0, draw.class_index, compact)
+
     def gathered() -> None:
         step(emb, weight[draw.class_index], draw.labels)
 
@@ -95,17 +105,19 @@ def main() -> None:
 
         return run
 
-    results: Dict[str, float] = {}
     cases = {"full": full, "sampled": with_index,
              "draw": lambda: sample_classes(labels, args.classes, args.rate, ignore_index=-100, generator=g),
-             "sampled-op": sampled_op, "gathered": gathered, "floor-full": floor(args.classes), "floor-sampled": floor(sampled)}
-    for name, fn in cases.items():
-        results[name] = timed(fn, args.repeats)
-        print(f"{name:14s} {results[name]:8.3f} s", flush=True)
+             "sampled-op": sampled_op, "grad-scatter": grad_scatter, "gathered": gathered,
+             "floor-full": floor(args.classes), "floor-sampled": floor(sampled)}
+    load_before = os.getloadavg()
+    results = timed(cases, args.repeats)
+    for name, seconds in results.items():
+        print(f"{name:14s} {seconds:8.3f} s")
     report = {
         "shape": {"B": args.batch, "C": args.classes, "D": args.dim, "rate": args.rate, "sampled": sampled},
         "dtype": "float32", "repeats": args.repeats, "statistic": "median seconds per step (forward + backward)",
-        "machine": args.machine, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        "machine": args.machine, "threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
         "torch": torch.__version__, "seconds": results,
         "ratios": {"full / sampled": results["full"] / results["sampled"],
                    "sampled / floor-sampled": results["sampled"] / results["floor-sampled"],
