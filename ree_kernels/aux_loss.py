@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import functorch, reference
-from .backends import EXTENSION_ERROR, kernel_op, resolve_backend
+from .backends import CUDA_EMULATED, CUDA_EMULATION_PREFIX, EXTENSION_ERROR, kernel_op, resolve_backend
 from .head import refuse_double_backward
 from .reference import AuxOutput, stat_dtype
 from .validation import validate_aux_inputs
@@ -60,6 +60,8 @@ def register_aux_op(prefix: str) -> None:
 
 if EXTENSION_ERROR is None:
     register_aux_op("")
+if CUDA_EMULATED:
+    register_aux_op(CUDA_EMULATION_PREFIX)
 
 
 def ree_aux_loss(

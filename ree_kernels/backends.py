@@ -95,15 +95,27 @@ class Backend:
         return (not self.auto_devices or device.type in self.auto_devices) and dtype in self.dtypes
 
 
+CUDA_EMULATION_LIBRARY = os.environ.get("REE_CUDA_EMULATION_LIBRARY", "")
+"""Tests only: the path of the CUDA backend's C++ glue and kernels built for the CPU over an
+emulated CUDA runtime (tests/cuda_emulation; `make gpu-verify-cuda` sets it). Where set,
+backend="cuda" takes CPU tensors and runs that build through its ops ree::cuda_emulated_*
+(never chosen by `auto`); docs/design.md (## CUDA backend) says what this proves."""
+CUDA_EMULATION_PREFIX = "cuda_emulated_"
+
+TRITON_MAX_CLASS_TILE = 128
+"""The largest `chunk_size` (class tile) of backend="triton" (ree_kernels/triton/tiling.py says why)."""
+
 _ALL_FLOATS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _GPU_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 DESCRIPTIONS: Tuple[Backend, ...] = (
     Backend("triton", devices=("cuda", "cpu"), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("the class tile BLOCK_C of every kernel (tl.dot needs at least 16 columns, "
-                                 "tl.arange a power of two)", low=16, high=1024, power_of_two=True),
+                                 "tl.arange a power of two, wider ones spill registers)", low=16,
+                                 high=TRITON_MAX_CLASS_TILE, power_of_two=True),
             grad_filter=True),
-    Backend("cuda", devices=("cuda",), auto_devices=("cuda",), dtypes=_GPU_FLOATS, ops=OPS,
+    Backend("cuda", devices=("cuda", "cpu") if CUDA_EMULATION_LIBRARY else ("cuda",), auto_devices=("cuda",),
+            dtypes=_GPU_FLOATS, ops=OPS,
             chunk_size=ChunkRule("classes per cuBLAS product and fused epilogue (the B × chunk float32 "
                                  "workspace)")),
     Backend("cpu", devices=("cpu",), auto_devices=("cpu",), dtypes=_ALL_FLOATS, ops=OPS,
@@ -148,6 +160,25 @@ def _cpp_kernels(info: Mapping[str, object]) -> FrozenSet[Tuple[str, str]]:
 CPP_KERNELS = _cpp_kernels(BUILD_INFO)
 """(op, dispatch key) pairs the C++ extension implements; op is "head" or "aux", key "CPU" or "CUDA"."""
 
+
+def _load_cuda_emulation(path: str) -> Optional[torch.library.Library]:
+    """Loads the emulated CUDA build (`CUDA_EMULATION_LIBRARY`), which implements the ops
+    ree::cuda_emulated_* for CPU tensors, and defines those ops with the schemas of the real ones."""
+    if not path or EXTENSION_ERROR is not None:
+        return None
+    torch.ops.load_library(path)
+    library = torch.library.Library("ree", "FRAGMENT")
+    for names in KERNEL_OPS.values():
+        for name in names:
+            schema = str(getattr(torch.ops.ree, name).default._schema)  # "ree::name(...) -> ..."
+            library.define(CUDA_EMULATION_PREFIX + schema.split("::", 1)[1])
+    return library
+
+
+_CUDA_EMULATION = _load_cuda_emulation(CUDA_EMULATION_LIBRARY)
+CUDA_EMULATED = _CUDA_EMULATION is not None
+"""Whether backend="cuda" runs the emulated CUDA build on CPU tensors (`CUDA_EMULATION_LIBRARY`)."""
+
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_USABLE = TRITON_INSTALLED and (TRITON_INTERPRET or torch.cuda.is_available())
@@ -181,6 +212,8 @@ def _why_unavailable(backend: Backend, op: str, device: torch.device) -> Optiona
                 f"the inputs are on {device}")
     if op not in backend.ops:
         return f"backend={backend.name!r} does not implement the {op} op"
+    if backend.name == "cuda" and CUDA_EMULATED:
+        return None
     if backend.name in ("cpu", "cuda"):
         if EXTENSION_ERROR is not None:
             return f"the C++ extension ree_kernels._C is not built ({EXTENSION_ERROR}); {BUILD_HINT}"
@@ -254,7 +287,10 @@ def chunk_size_for(requested: str, chosen: str, chunk_size: int) -> int:
 
 def kernel_op(backend: str, name: str) -> Callable:
     """`torch.ops.ree.<name>` for the C++ backends (the dispatcher picks the CPU or CUDA
-    kernel), `torch.ops.ree.triton_<name>` for Triton (registered by `load_triton`)."""
+    kernel), `torch.ops.ree.triton_<name>` for Triton (registered by `load_triton`), and
+    `torch.ops.ree.cuda_emulated_<name>` for CUDA where it is emulated (`CUDA_EMULATED`)."""
     if backend == "triton":
         name = f"triton_{name}"
+    elif backend == "cuda" and CUDA_EMULATED:
+        name = CUDA_EMULATION_PREFIX + name
     return getattr(torch.ops.ree, name)

@@ -38,7 +38,15 @@ from typing import Optional
 import torch
 
 from . import functorch, reference
-from .backends import DESCRIPTIONS, EXTENSION_ERROR, chunk_size_for, kernel_op, resolve_backend
+from .backends import (
+    CUDA_EMULATED,
+    CUDA_EMULATION_PREFIX,
+    DESCRIPTIONS,
+    EXTENSION_ERROR,
+    chunk_size_for,
+    kernel_op,
+    resolve_backend,
+)
 from .reference import IGNORE_INDEX, HeadOutput, stat_dtype
 from .validation import validate_class_index, validate_head_inputs, validate_kernel_options
 
@@ -197,6 +205,8 @@ def register_head_ops(prefix: str) -> None:
 
 if EXTENSION_ERROR is None:
     register_head_ops("")
+if CUDA_EMULATED:
+    register_head_ops(CUDA_EMULATION_PREFIX)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

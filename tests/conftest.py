@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (runs only where one exists)")
+    config.addinivalue_line("markers", "cuda_emulation: the CUDA backend on CPU tensors, emulated "
+                            "(runs where REE_CUDA_EMULATION_LIBRARY names its build: make gpu-verify-cuda)")
     # Triton's interpreter evaluates tl.log in numpy, which warns on the log(0) = −inf of rows
     # masked out of a tile; torch.compile's import of torch.jit warns about its own deprecation.
     config.addinivalue_line("filterwarnings", "ignore:divide by zero encountered in log:RuntimeWarning")
@@ -20,6 +22,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if not os.environ.get("REE_CUDA_EMULATION_LIBRARY"):
+        skip_emulation = pytest.mark.skip(reason="the CUDA emulation is not built: make gpu-verify-cuda runs these")
+        for item in items:
+            if "cuda_emulation" in item.keywords:
+                item.add_marker(skip_emulation)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -11,28 +11,35 @@ import ree_kernels
 from ree_kernels import reference
 
 # (backend, device) pairs that run the shared kernel suites. The CPU pairs must run here (an
-# unbuilt extension fails the suite rather than skipping it); the CUDA pairs run on a GPU.
+# unbuilt extension fails the suite rather than skipping it); the CUDA pairs run on a GPU, and
+# the CUDA backend on CPU tensors where it is emulated (`make gpu-verify-cuda`, tests/cuda_emulation).
 KERNEL_BACKENDS = [
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("triton", "cpu"), id="triton-interpret"),
+    pytest.param(("cuda", "cpu"), id="cuda-emulated", marks=pytest.mark.cuda_emulation),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
 ]
 
 # Awkward sizes (no tile multiple). The interpreter runs Triton programs one by one in
 # Python, so it gets smaller ones.
-HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19)}
+# The emulated CUDA kernels run every CUDA thread as an OS thread: they get small ones too, with
+# B = 16 for 3 column splits per row on the emulated device (tests/cuda_emulation: 6 SMs). (At
+# B = 13 the "ratio" RI of the planted cos = 1 row, ≈ 3·10⁵ through its 1e-6 floor, misses the §5
+# bound by one float32 ulp of cos_ui: an absolute tolerance on a value amplified 10⁶-fold.)
+HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19), ("cuda", "cpu"): (16, 131, 19)}
 # At a logit scale near reference.MAX_SCALE a float32 gradient's error is s·u times its size, for
 # the kernels and the float32 reference alike (the rounding of each cosine and of the lse): the
 # docs/spec.md §5 bound then compares two maxima of errors with the same spread, and takes enough
 # rows for those maxima to settle.
-LARGE_SCALE_SHAPES = {"default": (256, 1031, 67), ("triton", "cpu"): (64, 131, 19)}
-AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19)}
+LARGE_SCALE_SHAPES = {"default": (256, 1031, 67), ("triton", "cpu"): (64, 131, 19), ("cuda", "cpu"): (64, 131, 19)}
+AUX_SHAPES = {"default": (37, 67), ("triton", "cpu"): (13, 19), ("cuda", "cpu"): (16, 19)}
 
 DTYPES = {
     ("cpu", "cpu"): (torch.float64, torch.float32, torch.bfloat16, torch.float16),
     ("triton", "cpu"): (torch.float32, torch.bfloat16, torch.float16),
     ("cuda", "cuda"): (torch.float32, torch.bfloat16, torch.float16),
+    ("cuda", "cpu"): (torch.float32, torch.bfloat16, torch.float16),
     ("triton", "cuda"): (torch.float32, torch.bfloat16, torch.float16),
 }
 

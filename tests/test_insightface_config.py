@@ -4,6 +4,7 @@ import pytest
 
 from ree.cli import _train_config, build_parser
 from ree.config import TrainConfig
+from ree.errors import ConfigError
 from ree.insightface_config import InsightfaceConfigError, read_assignments, train_fields
 
 HEADER = """from easydict import EasyDict as edict
@@ -127,14 +128,13 @@ def test_partial_fc_sampling_is_read_into_the_config(tmp_path):
         TrainConfig.from_dict({**fields, "sample_rate": 0.0})
 
 
-def test_ree_train_insightface_config_flags_override_it(tmp_path, capsys):
+def test_ree_train_insightface_config_flags_override_it(tmp_path):
     path = write(tmp_path, GLINT_R100_COSFACE)
     parser = build_parser()
     args = parser.parse_args(["train", "--insightface-config", str(path), "--steps", "5", "--nproc", "2"])
-    config = _train_config(args, parser)
+    config, _ = _train_config(args)
     assert (config.arch, config.margin_mode, config.margin, config.batch_size, config.steps) == \
            ("r100", "cosface", 0.4, 256, 5)
     args = parser.parse_args(["train", "--insightface-config", str(write(tmp_path, HEADER + "import os\n", "b.py"))])
-    with pytest.raises(SystemExit):
-        _train_config(args, parser)
-    assert "b.py:8: only `config.<name> = <value>` lines" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="b.py:8: only `config.<name> = <value>` lines"):
+        _train_config(args)

@@ -58,7 +58,7 @@ def test_auto_falls_back_to_the_reference_without_the_extension(monkeypatch):
 
 
 @pytest.mark.parametrize("backend,given,fitted", [
-    ("triton", 0, 0), ("triton", 64, 64), ("triton", 100, 64), ("triton", 3000, 1024), ("triton", 5, 16),
+    ("triton", 0, 0), ("triton", 64, 64), ("triton", 100, 64), ("triton", 3000, 128), ("triton", 5, 16),
     ("cpu", 3, 3), ("cpu", 3000, 3000), ("cuda", 100, 100), ("reference", 7, 7),
 ])
 def test_chunk_size_is_fitted_under_auto_and_checked_by_name(backend, given, fitted):

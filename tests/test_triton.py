@@ -85,7 +85,7 @@ def test_forced_splits_match_reference(num_splits):
         torch.testing.assert_close(ours.double(), ref, rtol=0, atol=2e-4)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 100, 2048, -16])
+@pytest.mark.parametrize("chunk_size", [8, 100, 256, 1024, 2048, -16])
 def test_chunk_size_must_be_a_power_of_two_tile(chunk_size):
     inputs = head_inputs(5, 40, 8, seed=51)
     with pytest.raises(ValueError, match="chunk_size"):
@@ -197,13 +197,13 @@ def test_autotuned_launch_path(monkeypatch):
 
     monkeypatch.setattr(tiling.triton, "autotune",
                         lambda **kw: real_autotune(do_bench=run_once, **kw))
-    monkeypatch.setattr(tiling, "forward_configs", lambda dim, tile: [
+    monkeypatch.setattr(tiling, "forward_configs", lambda dim, tile, dtype: [
         dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=16, num_warps=4, num_stages=2),
         dict(BLOCK_B=32, BLOCK_C=16, BLOCK_K=32, num_warps=4, num_stages=2)])
     real_backward_configs = tiling.backward_configs
 
-    def backward_configs(dim, tile, filtered):
-        base = real_backward_configs(dim, tile, filtered)[0]
+    def backward_configs(dim, tile, filtered, dtype):
+        base = real_backward_configs(dim, tile, filtered, dtype)[0]
         other = dict(base, BLOCK_K=32, BLOCK_DO=32) if filtered else dict(base, BLOCK_B=32, BLOCK_C=16, BLOCK_DO=32)
         return [dict(base, num_warps=4, num_stages=2), dict(other, num_warps=4, num_stages=2)]
 

@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> aux_forward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ree, CUDA, m) { m.impl("aux_forward", &aux_forward_cuda); }
+REE_CUDA_LIBRARY_IMPL(m) { m.impl(REE_CUDA_OP("aux_forward"), &aux_forward_cuda); }
 
 }  // namespace cuda
 }  // namespace ree

@@ -99,7 +99,7 @@ void mm_float(const Tensor& a, const Tensor& b, Tensor& out) {
   if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b);
   } else {
-    at::mm_out(out, a, b, at::kFloat);
+    mm_half_to_float(out, a, b);
   }
 }
 
@@ -282,9 +282,9 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ree, CUDA, m) {
-  m.impl("head_forward", &head_forward_cuda);
-  m.impl("head_backward", &head_backward_cuda);
+REE_CUDA_LIBRARY_IMPL(m) {
+  m.impl(REE_CUDA_OP("head_forward"), &head_forward_cuda);
+  m.impl(REE_CUDA_OP("head_backward"), &head_backward_cuda);
 }
 
 }  // namespace cuda

@@ -18,6 +18,9 @@ ROW_ELEMENTS = 8192
 """Elements of a row block's [rows, D] tile; D itself is padded to a power of two."""
 MAX_DIM = 65536
 _SUM_BLOCK = 1024
+FP_FUSION = True
+"""FMA contraction in both kernels, as every launch had it so far (Triton's default up to 3.9;
+3.10 turns it off): passed explicitly so that a new Triton cannot change the numbers silently."""
 
 
 @triton.jit
@@ -108,13 +111,14 @@ def _row_block(dim: int) -> Tuple[int, int]:
     return max(1, min(64, ROW_ELEMENTS // block_d)), block_d
 
 
-@torch.library.custom_op("ree::triton_aux_forward", mutates_args=())
-def aux_forward(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Tensor, attn: Optional[torch.Tensor],
-                embeddings: Optional[torch.Tensor], ui_center: Optional[torch.Tensor],
-                recognizable: Optional[torch.Tensor], tau: float,
-                beta: float
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(l1, id, mse, ∂l1/∂ri_pred, ∂id/∂ri_pred, ∂mse/∂attn), float32."""
+def aux_losses(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Tensor, attn: Optional[torch.Tensor],
+               embeddings: Optional[torch.Tensor], ui_center: Optional[torch.Tensor],
+               recognizable: Optional[torch.Tensor], tau: float, beta: float
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The launcher of `ree::triton_aux_forward` (its body, callable outside the dispatcher):
+    (l1, id, mse, ∂l1/∂ri_pred, ∂id/∂ri_pred, ∂mse/∂attn), float32; shapes as in
+    ree_kernels/aux_loss.py. Raises ValueError for attn without embeddings/ui_center, beta <= 0
+    or D > MAX_DIM."""
     has_attn = attn is not None
     if has_attn and (embeddings is None or ui_center is None):
         raise ValueError("attn needs embeddings and ui_center")
@@ -142,11 +146,21 @@ def aux_forward(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Ten
     _aux_rows_kernel[(triton.cdiv(batch, block_b),)](
         pred, target, mu, keep, kept, a, v, u, l1_rows, id_rows, mse_rows, grad_l1, grad_id,
         grad_attn if has_attn else l1_rows, batch, dim, tau, beta,
-        HAS_KEEP=has_keep, HAS_ATTN=has_attn, BLOCK_B=block_b, BLOCK_D=block_d)
+        HAS_KEEP=has_keep, HAS_ATTN=has_attn, BLOCK_B=block_b, BLOCK_D=block_d, enable_fp_fusion=FP_FUSION)
     l1, idl, mse = torch.empty((), **f32), torch.empty((), **f32), torch.empty((), **f32)
     _aux_means_kernel[(1,)](l1_rows, id_rows, mse_rows, kept, l1, idl, mse, batch, dim,
-                            HAS_KEEP=has_keep, HAS_ATTN=has_attn, BLOCK=_SUM_BLOCK)
+                            HAS_KEEP=has_keep, HAS_ATTN=has_attn, BLOCK=_SUM_BLOCK, enable_fp_fusion=FP_FUSION)
     return l1, idl, mse, grad_l1, grad_id, grad_attn
+
+
+@torch.library.custom_op("ree::triton_aux_forward", mutates_args=())
+def aux_forward(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Tensor, attn: Optional[torch.Tensor],
+                embeddings: Optional[torch.Tensor], ui_center: Optional[torch.Tensor],
+                recognizable: Optional[torch.Tensor], tau: float,
+                beta: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(l1, id, mse, ∂l1/∂ri_pred, ∂id/∂ri_pred, ∂mse/∂attn), float32 (`aux_losses`)."""
+    return aux_losses(ri_pred, ri_target, mu_ui, attn, embeddings, ui_center, recognizable, tau, beta)
 
 
 register_aux_op("triton_")

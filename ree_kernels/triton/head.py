@@ -35,6 +35,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the logits differently in the forward and the backward (docs/design.md, "Large logit
 # scales"). The interpreter ignores the option.
 _NO_FUSION = dict(enable_fp_fusion=False)
+# The norms pass keeps FMA contraction, as every launch had it so far: Triton up to 3.9 fuses by
+# default (3.10 will not), and its results feed both passes alike. Passed explicitly, so a new
+# Triton cannot change the numbers silently.
+_FUSION = dict(enable_fp_fusion=True)
 
 
 def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> None:
@@ -88,7 +92,7 @@ def _squared_norms(x: torch.Tensor, ui: Optional[torch.Tensor] = None,
     has_ui = ui is not None
     norms_kernel[(triton.cdiv(rows, 64),)](
         x, out if index is None else index, out, rows, x.shape[1], ui if has_ui else out, cos_ui if has_ui else out,
-        HAS_UI=has_ui, HAS_INDEX=index is not None, BLOCK_R=64, BLOCK_K=block_k)
+        HAS_UI=has_ui, HAS_INDEX=index is not None, BLOCK_R=64, BLOCK_K=block_k, **_FUSION)
     return out
 
 
@@ -131,7 +135,7 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     e_sq, w_sq = _squared_norms(e, ui, cos_ui), _squared_norms(w, index=index)
     index_arg = dict(index_ptr=w_sq if index is None else index, HAS_INDEX=index is not None)
 
-    configs = tiling.forward_configs(dim, class_tile)
+    configs = tiling.forward_configs(dim, class_tile, e.dtype)
     align = max(c["BLOCK_C"] for c in configs)
     smallest_rows = min(c["BLOCK_B"] for c in configs)
     splits, split_size = tiling.class_splits(classes, triton.cdiv(batch, smallest_rows), align, device, num_splits)
@@ -146,9 +150,8 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     forward_finish_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
         e, w, index_arg["index_ptr"], labels, e_sq, w_sq, part_max, part_sum, part_best, part_index, splits,
         loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri, batch, classes, dim, ignore_index, scale,
-        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], HAS_INDEX=index is not None,
-        BLOCK_B=tiling.ROW_BLOCK,
-        BLOCK_K=min(triton.next_power_of_2(dim), 128), **margin_kw, **_NO_FUSION)
+        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK,
+        BLOCK_K=min(triton.next_power_of_2(dim), tiling.ROW_BLOCK_K), **margin_kw, **_NO_FUSION)
     return loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri
 
 
@@ -183,15 +186,15 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     row_mass = torch.empty(batch, dtype=torch.float32, device=device)
     backward_rows_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
         e, w, index_arg["index_ptr"], labels, e_sq, w_sq, lse, row_grad, label_grad, row_mass, batch, classes, dim,
-        scale, HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(dim), 128),
-        **margin_kw, **_NO_FUSION)
+        scale, HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK,
+        BLOCK_K=min(triton.next_power_of_2(dim), tiling.ROW_BLOCK_K), **margin_kw, **_NO_FUSION)
 
     filtered = grad_filter_eps > 0.0
     # The filter skips a tile only if all its rows are certain there: grouping the rows by their
     # off-label mass puts the certain rows together, so one uncertain row does not keep a whole
     # block of certain ones (a stable sort: deterministic).
     order = torch.argsort(row_mass, stable=True) if filtered else torch.arange(batch, device=device)
-    configs = tiling.backward_configs(dim, class_tile, filtered)
+    configs = tiling.backward_configs(dim, class_tile, filtered, e.dtype)
     align = max(c["BLOCK_C"] for c in configs)
     row_programs = triton.cdiv(batch, min(c["BLOCK_B"] for c in configs))
     d_programs = triton.cdiv(dim, max(c["BLOCK_DO"] for c in configs))

@@ -9,13 +9,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import triton
 
-from ..backends import TRITON_INTERPRET
+from ..backends import TRITON_INTERPRET, TRITON_MAX_CLASS_TILE
 
-MIN_TILE, MAX_TILE = 16, 1024
-"""Bounds of the class tile that `chunk_size` may set (tl.dot needs at least 16)."""
+MIN_TILE = 16
+"""Smallest class tile that `chunk_size` may set (tl.dot needs at least 16)."""
+MAX_TILE = TRITON_MAX_CLASS_TILE
+"""Largest class tile: the widest whose reshaped candidates (`_fit_class_tile`) compiled without
+spills for sm_80 and sm_90 (256 spilled on sm_80; at 1024 ptxas failed on the register
+allocation or spilled ~38 KB per thread: benchmarks/gpu_verify_triton.py)."""
 
-ROW_BLOCK = 32
+ROW_BLOCK = 16
 """Rows per program of the per-row kernels (forward finish, backward rows)."""
+ROW_BLOCK_K = 64
+"""Columns of D per step of the per-row kernels."""
 
 # Interpreter tiles: small, so that the test shapes (tests/support.py) cross several row and
 # class tiles and split the classes; D is cut in two (both the D loop of the cosines and the D
@@ -25,21 +31,51 @@ INTERPRETER_TILES = {"BLOCK_B": 16, "BLOCK_C": 32}
 INTERPRETER_SMS = 4
 """Stand-in for the multiprocessor count under the interpreter: small B then splits C."""
 
-# GPU autotune candidates (BLOCK_B, BLOCK_C, BLOCK_K, num_warps, num_stages). First guesses for
-# Hopper: measure on the card (docs/design.md lists what the first GPU run checks).
-FORWARD_CONFIGS = (
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-    (128, 256, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 4),
-)
-# Backward: (BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO or 0 for all of D up to 512, num_warps, num_stages).
-# A BLOCK_DO below D recomputes the cosines once per D block.
-BACKWARD_CONFIGS = (
-    (64, 64, 64, 0, 8, 2), (64, 128, 64, 0, 8, 2), (64, 64, 64, 256, 4, 3), (128, 64, 64, 128, 8, 3),
-)
-FILTER_TILE = (64, 64)
-"""(BLOCK_B, BLOCK_C) of both backward kernels when the gradient filter is on: the prototype
-kernel skips exactly the tiles the embedding kernel marked, so they must share the tiling."""
-MAX_BLOCK_DO = 512
+# GPU autotune candidates, per kind of product: "16-bit" (bfloat16/float16 on tensor cores) and
+# "float32" (input_precision="ieee": FMA products whose operand tiles sit in registers, hence the
+# narrower BLOCK_K and tiles). Each one, and each reshaped for chunk_size 16 and 128, compiles for
+# sm_80 and sm_90 at D = 512 without a register spill and within the shared memory of an A100
+# (benchmarks/gpu_verify_triton.py, the tables in benchmarks/results/). The sets are small because
+# the autotuner compiles every candidate at a shape's first call. Speed is not measured yet.
+# Forward: (BLOCK_B, BLOCK_C, BLOCK_K, num_warps, num_stages).
+FORWARD_CONFIGS = {
+    "16-bit": ((128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 3)),
+    "float32": ((128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2)),
+}
+# Backward: (BLOCK_B, BLOCK_C, BLOCK_K, BLOCK_DO, num_warps, num_stages). Each D block recomputes
+# the cosines, but wider BLOCK_DO spilled: [BLOCK_B, BLOCK_DO] float32 accumulators next to the
+# cosine tile (16-bit: BLOCK_DO = 512 on sm_90, 256 on sm_80; float32: ~100 KB per thread at 512,
+# and a few bytes for most 64 × 64 and 32 × 32 × 128 tiles on one of the two targets).
+# With the gradient filter on, every candidate takes the first one's (BLOCK_B, BLOCK_C): the
+# prototype kernel skips exactly the tiles the embedding kernel marked, so they share the tiling.
+BACKWARD_CONFIGS = {
+    "16-bit": ((64, 64, 64, 128, 8, 2),),
+    "float32": ((32, 32, 16, 64, 4, 2),),
+}
+
+
+def _dot_kind(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "16-bit"
+
+
+def _fit_class_tile(block_b: int, block_c: int, block_do: int, warps: int,
+                    class_tile: Optional[int]) -> Tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_C, BLOCK_DO, num_warps) of a candidate with `chunk_size`'s class tile
+    (block_do 0 for the forward). A wider class tile narrows BLOCK_B (at least 16) and BLOCK_DO
+    (at least 32: float32 tiles with 16 spilled on sm_90) by as much, so the float32 tiles held in
+    registers ([BLOCK_B, BLOCK_C] cosines, [BLOCK_C, BLOCK_DO] and [BLOCK_B, BLOCK_DO]
+    accumulators) stay about the size of the candidate's; the warps follow the largest of them,
+    between 4 and 8 (8 warps on a 64 × 16 float32 forward tile spilled)."""
+    if class_tile is None:
+        return block_b, block_c, block_do, warps
+    widen = max(1, class_tile // block_c)
+    new_b, new_do = max(MIN_TILE, block_b // widen), max(32, block_do // widen) if block_do else 0
+
+    def largest(b: int, c: int, do: int) -> int:
+        return max(b * c, b * do, c * do)
+
+    scaled = warps * largest(new_b, class_tile, new_do) // largest(block_b, block_c, block_do)
+    return new_b, class_tile, new_do, max(4, min(max(warps, 8), scaled))
 
 
 def interpreter_tiles(dim: int, class_tile: Optional[int]) -> Dict[str, int]:
@@ -48,14 +84,20 @@ def interpreter_tiles(dim: int, class_tile: Optional[int]) -> Dict[str, int]:
 
 
 def class_tile_override(chunk_size: int) -> Optional[int]:
-    """`chunk_size` sets the class tile (BLOCK_C); 0 leaves it to the tuning."""
+    """`chunk_size` sets the class tile (BLOCK_C); 0 leaves it to the tuning.
+
+    Raises:
+        TypeError: chunk_size is not an int.
+        ValueError: naming chunk_size, when it is not 0 or a power of two in [MIN_TILE, MAX_TILE].
+    """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if chunk_size == 0:
         return None
     if not MIN_TILE <= chunk_size <= MAX_TILE or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size for backend='triton' is the class tile: 0 (automatic) or a power of two "
-                         f"in [{MIN_TILE}, {MAX_TILE}], got {chunk_size}")
+                         f"in [{MIN_TILE}, {MAX_TILE}] (a wider tile does not compile without register spills), "
+                         f"got {chunk_size}")
     return chunk_size
 
 
@@ -69,15 +111,21 @@ def upcast(dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
+def _cuda_multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessor count the class splits are sized for: the card's, or INTERPRETER_SMS
+    off CUDA. benchmarks/gpu_verify_triton.py replaces it to compile for a given card."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _programs_wanted(device: torch.device) -> int:
     """Enough programs for two waves over the multiprocessors."""
-    if device.type != "cuda":
-        return 2 * INTERPRETER_SMS
-    return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * multiprocessors(device)
 
 
 def class_splits(num_classes: int, other_programs: int, align: int, device: torch.device,
@@ -92,28 +140,30 @@ def class_splits(num_classes: int, other_programs: int, align: int, device: torc
     return triton.cdiv(num_classes, split_size), split_size
 
 
-def forward_configs(dim: int, class_tile: Optional[int]) -> List[Dict[str, int]]:
+def forward_configs(dim: int, class_tile: Optional[int], dtype: torch.dtype) -> List[Dict[str, int]]:
     if TRITON_INTERPRET:
         tiles = interpreter_tiles(dim, class_tile)
         del tiles["BLOCK_DO"]
         return [tiles]
     configs = []
-    for bb, bc, bk, warps, stages in FORWARD_CONFIGS:
-        config = dict(BLOCK_B=bb, BLOCK_C=class_tile or bc, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    for bb, bc, bk, warps, stages in FORWARD_CONFIGS[_dot_kind(dtype)]:
+        bb, bc, _, warps = _fit_class_tile(bb, bc, 0, warps, class_tile)
+        config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         if config not in configs:
             configs.append(config)
     return configs
 
 
-def backward_configs(dim: int, class_tile: Optional[int], filtered: bool) -> List[Dict[str, int]]:
+def backward_configs(dim: int, class_tile: Optional[int], filtered: bool, dtype: torch.dtype) -> List[Dict[str, int]]:
     if TRITON_INTERPRET:
         return [interpreter_tiles(dim, class_tile)]
-    full = min(triton.next_power_of_2(dim), MAX_BLOCK_DO)
     configs = []
-    for bb, bc, bk, bdo, warps, stages in BACKWARD_CONFIGS:
+    candidates = BACKWARD_CONFIGS[_dot_kind(dtype)]
+    for bb, bc, bk, bdo, warps, stages in candidates:
         if filtered:
-            bb, bc = FILTER_TILE
-        config = dict(BLOCK_B=bb, BLOCK_C=class_tile or bc, BLOCK_K=bk, BLOCK_DO=min(bdo or full, full),
+            bb, bc = candidates[0][:2]
+        bb, bc, bdo, warps = _fit_class_tile(bb, bc, bdo, warps, class_tile)
+        config = dict(BLOCK_B=bb, BLOCK_C=bc, BLOCK_K=bk, BLOCK_DO=min(bdo, max(MIN_TILE, triton.next_power_of_2(dim))),
                       num_warps=warps, num_stages=stages)
         if config not in configs:
             configs.append(config)

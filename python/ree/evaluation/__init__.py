@@ -1,7 +1,8 @@
 """Evaluation (docs/spec.md §7): verification (ROC, TAR@FAR, k-fold accuracy), identification (CMC with
 distractors), quality (ERC / EDC with AUC and pAUC, ranking AUC), resolution bins, markdown
-reports. Metrics use numpy only. Plots live in `ree.evaluation.plots` (matplotlib, Agg), imported
-on demand so the metrics stay light."""
+reports, bootstrap intervals of verification metrics (`ree.evaluation.bootstrap`). Metrics use
+numpy only. Plots live in `ree.evaluation.plots` (matplotlib, Agg), imported on demand so the
+metrics stay light."""
 from .bins import resolution_bins
 from .identification import DISTRACTOR_LABEL, cmc, cmc_curve, probe_ranks
 from .quality import DEFAULT_FMRS, DEFAULT_REJECT, ErcResult, erc, rejection_order, roc_auc

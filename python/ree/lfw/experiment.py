@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import TrainConfig
 from ..data import lfw
+from ..evaluation.bootstrap import paired_difference
 from ..evaluation.pipeline import erc_summary
 from ..train import Trainer
 from . import protocol, scoring
@@ -64,6 +65,7 @@ class Data:
     train: Any
     evalset: protocol.EvalSet
     images: np.ndarray  # uint8 crops of the evaluation rows
+    uncertainty: scoring.Uncertainty  # the bootstrap resamples, one draw for every model and seed
 
 
 def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[str | Path] = None,
@@ -71,7 +73,8 @@ def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[
     crops = lfw.load_crops(source, budget.input_size, cache_dir=cache_dir, progress=progress)
     people = protocol.people(crops, source, split, budget.min_images)
     evalset = protocol.evaluation_set(crops, source, split, budget.input_size, erc_pairs=budget.erc_pairs, seed=seed)
-    return Data(split, source, people, protocol.training_set(crops, people), evalset, crops.images[evalset.rows])
+    return Data(split, source, people, protocol.training_set(crops, people), evalset, crops.images[evalset.rows],
+                scoring.uncertainty(evalset))
 
 
 @dataclass
@@ -106,10 +109,17 @@ class Curves:
     cmc: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
 
 
+Replicates = Dict[str, Dict[str, Dict[str, Dict[str, np.ndarray]]]]
+"""{model: {kind: {level: {metric: [B] bootstrap replicates}}}} of one seed."""
+DIFFERENCES = (("REE", "ArcFace"), ("REE", "CR-FIQA"))
+"""Paired differences reported when both models ran (`differences`)."""
+
+
 def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
-             say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves]:
+             say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves, Replicates]:
     """Recognition of every run, and the ERCs of every quality score on each recognizer's pairs;
-    -> (JSON-ready results, curves for the plots).
+    -> (JSON-ready results, curves for the plots, the bootstrap replicates for `differences`).
+    Each verification entry holds the pairs file's metrics and `scoring.extended_verification`'s.
 
     Qualities: ξ̂ of the REE run(s) (every run whose method is "ree"), CR-FIQA's head, every run's
     feature norm, the recognizer's SER-FIQ, ERS of the REE run, the true resolution and random."""
@@ -121,6 +131,7 @@ def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
                                     progress=f"scoring {name}")
     result: Dict[str, Any] = {"recognition": {}, "erc": {}, "spearman": {}, "seconds": {}}
     curves = Curves()
+    replicates: Replicates = {}
     shared = {}
     for name, run in runs.items():
         method = run.trainer.config.method
@@ -134,13 +145,40 @@ def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
     for name, run in runs.items():
         curves.cmc[name] = scoring.cmc_curves(views[name], data.evalset)
         result["recognition"][name] = scoring.recognition(views[name], data.evalset, curves.cmc[name])
+        fields, replicates[name] = scoring.extended_verification(views[name], data.evalset, data.uncertainty)
+        for kind, levels in fields.items():
+            for level, values in levels.items():
+                result["recognition"][name][kind][level].update(values)
         qualities = {**shared, "SER-FIQ": views[name].serfiq}
         ercs = scoring.ercs(scoring.erc_scores(views[name], data.evalset), data.evalset, qualities, seed=seed)
         result["erc"][name] = {mode: erc_summary(r) for mode, r in ercs.items()}
         result["spearman"][name] = scoring.resolution_correlation(qualities, data.evalset)
         result["seconds"][name] = run.seconds
         curves.erc[name] = ercs["recompute"]
-    return result, curves
+    return result, curves, replicates
+
+
+def differences(per_seed: Sequence[Mapping[str, Any]], replicates: Sequence[Replicates],
+                pairs: Sequence[tuple[str, str]] = DIFFERENCES, seed: int = scoring.BOOTSTRAP_SEED
+                ) -> Dict[str, Any]:
+    """{"A − B": {kind: {level: {metric: {"mean", "ci95"}}}}} for each (A, B) of `pairs` that both
+    ran: A − B over the seeds and the shared bootstrap resamples (`bootstrap.paired_difference`),
+    for every metric of `scoring.INTERVAL_METRICS`."""
+    out: Dict[str, Any] = {}
+    for a, b in pairs:
+        if a not in replicates[0] or b not in replicates[0]:
+            continue
+        table: Dict[str, Any] = {}
+        for kind, levels in replicates[0][a].items():
+            for level in levels:
+                for metric in scoring.INTERVAL_METRICS:
+                    points = [[s["recognition"][m][kind][level][metric] for s in per_seed] for m in (a, b)]
+                    reps = [np.stack([r[m][kind][level][metric] for r in replicates]) for m in (a, b)]
+                    diff = paired_difference(points[0], points[1], reps[0], reps[1], seed=seed)
+                    diff.pop("replicates")
+                    table.setdefault(kind, {}).setdefault(level, {})[metric] = diff
+        out[f"{a} − {b}"] = table
+    return out
 
 
 def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budget, out: Path,
@@ -148,23 +186,33 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
         say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves]:
     """Trains and evaluates `variants` ({name: TrainConfig overrides, with `method`}; default: the
     three METHODS) for every seed. Returns ({"per_seed": [evaluate() results], the budget, the
-    split and its sizes}, the first seed's curves)."""
+    split and its sizes, the extended set's sizes, the paired `differences`}, the first seed's
+    curves)."""
     variants = variants or {name: {"method": m} for name, m in METHODS.items()}
     data = load(source, split, budget, cache_dir=cache_dir, progress=True)
     say(f"LFW-VLR {split}: {len(data.people.train)} training people ({len(data.train)} images), "
         f"{len(data.people.held_out)} evaluation people ({len(data.images)} images)")
-    per_seed, first = [], None
+    per_seed, first, replicates = [], None, []
     for seed in seeds:
         runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say, **dict(v))
                 for name, v in variants.items()}
-        result, curves = evaluate(runs, data, seed, say)
+        result, curves, reps = evaluate(runs, data, seed, say)
         per_seed.append(result)
+        replicates.append(reps)
         first = first or curves
     summary = {"split": split, "seeds": list(seeds), "budget": asdict(budget),
                "variants": {k: dict(v) for k, v in variants.items()},
             "train_people": len(data.people.train), "train_images": len(data.train),
-            "eval_people": len(data.people.held_out), "eval_images": len(data.images), "per_seed": per_seed}
+            "eval_people": len(data.people.held_out), "eval_images": len(data.images), "per_seed": per_seed,
+               "extended": extended_counts(data.evalset), "differences": differences(per_seed, replicates)}
     return summary, first
+
+
+def extended_counts(evalset: protocol.EvalSet) -> Dict[str, int]:
+    """The size of the extended verification set."""
+    ext = evalset.extended
+    return {"people": ext.people(), "genuine_people": int(np.unique(ext.person_a[ext.same]).size),
+            "genuine": ext.genuine, "impostors": ext.impostors}
 
 
 def slug(name: str) -> str:

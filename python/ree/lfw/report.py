@@ -35,7 +35,12 @@ def _values(summary: Mapping[str, Any], *path: str) -> List[float]:
     for seed in summary["per_seed"]:
         value: Any = seed
         for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
+            if isinstance(value, Mapping):
+                value = value.get(key)
+            elif isinstance(value, (list, tuple)) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]  # an interval's bound
+            else:
+                value = None
         out.append(math.nan if value is None else float(value))
     return out
 
@@ -186,3 +191,117 @@ def ablation_table(summary: Mapping[str, Any], judge: str = "ArcFace") -> Table:
                     cell(*stat(summary, "spearman", judge, score))]
         rows.append(row)
     return headers, rows
+
+
+# --------------------------------------------------------------- intervals and the summary.json
+
+def interval_cell(summary: Mapping[str, Any], *path: str, digits: int = 3) -> str:
+    """"mean ± std [low, high]": the metric at `path` over seeds, and the mean over seeds of its
+    per-seed bootstrap interval (`<metric>_ci95` beside it)."""
+    mean, std = stat(summary, *path)
+    bounds = [mean_std(_values(summary, *path[:-1], f"{path[-1]}_ci95", str(k)))[0] for k in (0, 1)]
+    text = cell(mean, std, digits)
+    if math.isnan(bounds[0]):
+        return text
+    return f"{text} [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
+
+
+
+def interval_table(summary: Mapping[str, Any], metric: str) -> Table:
+    """`verification_table` with each cell's mean bootstrap interval (`interval_cell`)."""
+    headers = ["model", "pairs"] + [f"{lv} px" if lv != "HR" else "HR" for lv in LEVELS]
+    rows = []
+    for name in methods(summary):
+        for kind, label in (("vlr", "VLR–VLR"), ("cross", "HR–VLR")):
+            rows.append([name, label] + [interval_cell(summary, "recognition", name, kind, lv, metric)
+                                         if kind == "vlr" or lv != "HR" else "—" for lv in LEVELS])
+    return headers, rows
+
+
+def difference_table(summary: Mapping[str, Any], metric: str, digits: int = 3) -> Table:
+    """Rows: each paired difference (e.g. REE − ArcFace) × (VLR–VLR, HR–VLR); cells: the mean
+    over seeds of the difference and its 95 % interval over seeds × bootstrap resamples."""
+    headers = ["difference", "pairs"] + [f"{lv} px" if lv != "HR" else "HR" for lv in LEVELS]
+    rows = []
+    for name, table in summary.get("differences", {}).items():
+        for kind, label in (("vlr", "VLR–VLR"), ("cross", "HR–VLR")):
+            row: List[Any] = [name, label]
+            for lv in LEVELS:
+                d = table.get(kind, {}).get(lv, {}).get(metric)
+                row.append("—" if d is None else
+                           f"{d['mean']:+.{digits}f} [{d['ci95'][0]:+.{digits}f}, {d['ci95'][1]:+.{digits}f}]")
+            rows.append(row)
+    return headers, rows
+
+
+SUMMARY_KINDS = {"vlr-vlr": "vlr", "hr-vlr": "cross"}
+"""summary.json's pair kinds -> the result dicts' keys."""
+SUMMARY_METRICS = {"acc10": "acc", "tar_far_1e-3_ext": "tar_far_1e-3_ext"}
+"""summary.json's verification metrics -> the result dicts' keys (`acc` is the 10-fold accuracy)."""
+SUMMARY_SCORES = {"ξ̂": "xi_hat", "CR-FIQA": "cr_fiqa", "SER-FIQ": "ser_fiq", "ERS": "ers"}
+"""Quality score names of the result dicts -> summary.json's; `norm (X)` becomes `norm(X)`."""
+
+
+def summary_score_name(name: str, methods: Mapping[str, str] | None = None) -> str:
+    """summary.json's name of a quality score: `SUMMARY_SCORES`, and `norm (X)` as `norm(Y)` with
+    Y the summary name of model X in `methods`."""
+    if name in SUMMARY_SCORES:
+        return SUMMARY_SCORES[name]
+    if name.startswith("norm (") and name.endswith(")"):
+        model = name[len("norm ("):-1]
+        return f"norm({(methods or {}).get(model, model)})"
+    return name
+
+
+def summary_json(per_seed: Sequence[Mapping[str, Any]], *, methods: Mapping[str, str] | None = None,
+                 judge: str | None = None, scores: Sequence[str] | None = None) -> Dict[str, Any]:
+    """The benchmark's summary over seeds (means and sample stds; std None for one seed):
+
+        {"verification": {METHOD: {"vlr-vlr" | "hr-vlr": {"HR" | "24" | "16" | "12" | "8":
+            {"acc10": [m, s], "tar_far_1e-3_ext": [m, s]}}}},
+         "quality": {SCORE: {"erc_auc": [m, s], "spearman_px": [m, s]}}}
+
+    per_seed: `experiment.evaluate` results, one per seed. methods: {result name: summary name}
+    (default: every model under its own name). HR–VLR has no "HR" entry (HR–HR is VLR–VLR's).
+    Quality: every score of `judge`'s ERCs (default: the first model) but `random` and
+    `resolution`, or those named in `scores` (result names, e.g. "ξ̂", "norm (REE)"): ERC AUC at
+    FMR 1e-2 with the threshold recomputed, on `judge`'s pairs, and the Spearman correlation
+    with the probe side; named by `summary_score_name` (SER-FIQ is the judge's own).
+
+    Raises:
+        ValueError: no seeds, or a method, the judge or a score that the results lack.
+    """
+    if not per_seed:
+        raise ValueError("per_seed is empty: summary_json needs the results of at least one seed")
+    summary = {"per_seed": list(per_seed)}
+    present = list(per_seed[0]["recognition"])
+    methods = dict(methods) if methods is not None else {m: m for m in present}
+    missing = [m for m in methods if m not in present]
+    judge = judge if judge is not None else present[0]
+    if missing or judge not in present:
+        raise ValueError(f"the results have the models {present}; asked for {missing or [judge]}")
+    pair = lambda *path: [None if math.isnan(v) else v for v in stat(summary, *path)]  # noqa: E731
+    verification: Dict[str, Any] = {}
+    for name, out_name in methods.items():
+        kinds = verification.setdefault(out_name, {})
+        for kind, key in SUMMARY_KINDS.items():
+            kinds[kind] = {lv: {metric: pair("recognition", name, key, lv, field)
+                                for metric, field in SUMMARY_METRICS.items()}
+                           for lv in LEVELS if key == "vlr" or lv != "HR"}
+    known = list(per_seed[0]["erc"][judge]["recompute"])
+    chosen = list(scores) if scores is not None else [q for q in known if q not in ("random", "resolution")]
+    absent = [q for q in chosen if q not in known]
+    if absent:
+        raise ValueError(f"scores {absent} are not among {judge}'s quality scores {known}")
+    quality = {summary_score_name(q, methods): {"erc_auc": pair("erc", judge, "recompute", q, "auc", "0.01"),
+                                       "spearman_px": pair("spearman", judge, q)} for q in chosen}
+    return {"verification": verification, "quality": quality}
+
+
+def write_summary(path: Path, per_seed: Sequence[Mapping[str, Any]], **options: Any) -> Dict[str, Any]:
+    """`summary_json(per_seed, **options)` written to `path` (atomically, NaN as null); returns it."""
+    from ..evaluation.pipeline import write_json
+
+    value = summary_json(per_seed, **options)
+    write_json(path, value)
+    return value

@@ -9,12 +9,16 @@ Quality scores (higher = better quality), per image and resolution:
   embedding layer, x the normalised embeddings (Terhörst et al., CVPR 2020).
 - `ERS`: 1 − cos(v, ū), the distance to the centre of the unrecognizable instances.
 - `resolution`: the true probe side, the reference a quality estimate would like to match.
+
+Verification adds, per resolution (`extended_verification`): TAR@FAR=1e-3 on the extended pairs
+(`protocol.extended_pairs`) and bootstrap 95 % intervals, from resamples drawn once per
+evaluation set (`uncertainty`) so that models and seeds are compared on the same ones.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ import torch
 from .. import evaluation as ev
 from ..data.arrays import to_tensor
 from ..data.degrade import downsample
+from ..evaluation import bootstrap as bs
 from ..evaluation.pipeline import FARS, RANKS, EvalProtocol, quality_ercs, spearman, ui_center_from_images
 from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score
 from .protocol import EvalSet
@@ -145,3 +150,100 @@ def resolution_correlation(qualities: Mapping[str, np.ndarray], evalset: EvalSet
     """Spearman correlation of each [L, N] quality with the true resolution, over all images."""
     truth = resolution_map(evalset).ravel()
     return {name: spearman(q.ravel(), truth) if np.isfinite(q).all() else math.nan for name, q in qualities.items()}
+
+
+# ------------------------------------------------------------------ intervals and the extended set
+
+BOOTSTRAP_SEED = 0
+"""The seed of the resamples: one draw per evaluation set, shared by every model and seed."""
+EXT_FAR = 1e-3
+EXT_KEY = "tar_far_1e-3_ext"
+"""The extended set's metric: TAR at FAR 1e-3 on `EvalSet.extended`."""
+INTERVAL_METRICS = ("acc", "tar@0.01", EXT_KEY)
+"""Metrics given a bootstrap interval: the official pairs' 10-fold accuracy and TAR@FAR=1e-2
+(pairs resampled within fold × genuine/impostor), the extended set's TAR (people resampled)."""
+
+
+@dataclass
+class Uncertainty:
+    """The bootstrap resamples of one `EvalSet`: drawn once, applied to every model, resolution
+    and seed, so that differences between them are paired.
+
+    folds [n]: each official pair's fold (as `verification` assigns them); official [B, n]: the
+    official pairs' weights; people [B, P]: the people's multiplicities; impostor_total [B]: the
+    extended set's total impostor weight per replicate."""
+
+    folds: np.ndarray
+    official: np.ndarray
+    people: np.ndarray
+    impostor_total: np.ndarray
+
+
+def official_folds(n: int) -> np.ndarray:
+    """[n] the fold of each pair in `verification`'s 10-fold accuracy."""
+    folds = np.empty(n, np.int64)
+    for fold, block in enumerate(np.array_split(_interleaved(n), FOLDS)):
+        folds[block] = fold
+    return folds
+
+
+def uncertainty(evalset: EvalSet, replicates: int = bs.REPLICATES, seed: int = BOOTSTRAP_SEED) -> Uncertainty:
+    """The resamples of `evalset` (which must have its `extended` pairs).
+
+    Raises:
+        ValueError: the evaluation set was built without its extended pairs.
+    """
+    ext = evalset.extended
+    if ext is None:
+        raise ValueError("the evaluation set has no extended pairs: build it with evaluation_set(extended=True)")
+    folds = official_folds(len(evalset.same))
+    official = bs.pair_resamples(folds * 2 + evalset.same, replicates, seed)
+    people = bs.people_resamples(len(evalset.names), replicates, seed + 1)
+    impostors = ~ext.same
+    total = bs.people_pair_total(people, ext.person_a[impostors], ext.person_b[impostors])
+    return Uncertainty(folds, official, people, total)
+
+
+def pair_cosines(first: np.ndarray, second: np.ndarray, a: np.ndarray, b: np.ndarray, block: int = 1024) -> np.ndarray:
+    """[n] cos(first[a], second[b]) for unit rows first, second [N, D] and pairs sorted by `a`:
+    one [block, N] Gram matrix at a time, so that half a million pairs cost N²·D flops and no
+    [n, D] gather."""
+    out = np.empty(len(a))
+    for start in range(0, len(first), block):
+        lo, hi = np.searchsorted(a, [start, start + block])
+        if lo < hi:
+            gram = first[start: start + block] @ second.T
+            out[lo:hi] = gram[a[lo:hi] - start, b[lo:hi]]
+    return out
+
+
+def extended_verification(view: Views, evalset: EvalSet, unc: Uncertainty, level: float = bs.LEVEL
+                          ) -> Tuple[Dict[str, Dict[str, Dict[str, Any]]], Dict[str, Dict[str, Dict[str, np.ndarray]]]]:
+    """What `recognition` gains, per kind ("vlr", "cross") and level: `EXT_KEY` (TAR@FAR=1e-3 on
+    the extended pairs; for "cross" the first image of each pair at HR) and the bootstrap
+    interval of every `INTERVAL_METRICS` entry (`<metric>_ci95`). -> (those fields, the
+    replicates {kind: {level: {metric: [B]}}} that `experiment.differences` pairs across models)."""
+    ext = evalset.extended
+    e = _unit(view.embeddings)
+    fields: Dict[str, Dict[str, Dict[str, Any]]] = {"vlr": {}, "cross": {}}
+    replicates: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {"vlr": {}, "cross": {}}
+    key = bs.ci_name(level)
+    for k, lv in enumerate(evalset.levels):
+        name = "HR" if k == 0 else str(lv)
+        for kind, first in (("vlr", k), ("cross", 0)):
+            if kind == "cross" and k == 0:
+                continue
+            official = np.einsum("ij,ij->i", e[first, evalset.pair_a], e[k, evalset.pair_b])
+            extended = pair_cosines(e[first], e[k], ext.a, ext.b)
+            reps = {
+                "acc": bs.kfold_accuracy_weighted(official, evalset.same, unc.folds, unc.official),
+                "tar@0.01": bs.tar_at_far_weighted(official[evalset.same], unc.official[:, evalset.same],
+                                                   official[~evalset.same], unc.official[:, ~evalset.same], 1e-2),
+                EXT_KEY: bs.tar_at_far_people(extended, ext.same, ext.person_a, ext.person_b, EXT_FAR, unc.people,
+                                              impostor_total=unc.impostor_total),
+            }
+            out: Dict[str, Any] = {EXT_KEY: ev.tar_at_far(extended, ext.same, EXT_FAR)}
+            out.update({f"{metric}_{key}": bs.interval(values, level) for metric, values in reps.items()})
+            fields[kind][name] = out
+            replicates[kind][name] = reps
+    return fields, replicates
