@@ -67,7 +67,9 @@ class REELoss(nn.Module):
     `process_group` the loss runs on each rank's rows of the global batch: the head is a
     `ShardedArcFaceHead` over the group (this rank's classes; L_cls is the global batch's) and
     the tracker sums the UI statistics over the ranks, so every rank keeps the same ū and μ_UI.
-    The aux losses stay means over this rank's rows (DDP averages them).
+    The aux losses stay means over this rank's rows (DDP averages them). `sample_rate` < 1 is
+    PartialFC's class sampling in the head (`ArcFaceHead`, `ShardedArcFaceHead`): L_cls and the
+    head's statistics (cos_neg, the RI) are then over each step's sampled classes.
     """
 
     def __init__(
