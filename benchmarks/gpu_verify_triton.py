@@ -232,6 +232,11 @@ def _launch_everything(sweep: Sweep, case: List[str]) -> None:
                     for eps in sweep.filter_eps:
                         case[0] = f"{shape}; filter={eps:g}"
                         head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, mode, chunk, eps)
+            # PartialFC sampling: the prototypes read through a class index (a tenth of them).
+            index = torch.empty(max(classes // 10, 1), dtype=torch.int64, device=meta)
+            case[0] = f"B={batch} C={classes} D={dim} {name} class_index[{index.shape[0]}]"
+            head.forward_rows(e, w, labels, 64.0, 0.5, "arcface", -100, 0, class_index=index)
+            head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, "arcface", 0, class_index=index)
         if sweep.aux:
             pred = torch.empty(batch, dtype=torch.float32, device=meta)
             keep = torch.empty(batch, dtype=torch.bool, device=meta)

@@ -8,6 +8,7 @@ from .aux_loss import ree_aux_loss
 from .backends import BACKENDS, load_triton
 from .head import arcface_head
 from .reference import AuxOutput, HeadOutput, pam_target, recognizability_index
+from .sampling import SampledClasses, num_sampled, sample_classes
 from .tracker import UITracker
 
 load_triton()  # registers torch.ops.ree.triton_* where Triton can run; never raises
@@ -16,10 +17,13 @@ __all__ = [
     "BACKENDS",
     "AuxOutput",
     "HeadOutput",
+    "SampledClasses",
     "UITracker",
     "arcface_head",
+    "num_sampled",
     "pam_target",
     "recognizability_index",
     "ree_aux_loss",
+    "sample_classes",
 ]
 __version__ = "0.1.0"

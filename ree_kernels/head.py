@@ -19,6 +19,12 @@ Triton ones mirror them with a `triton_` prefix):
   grad_prototypes, cos_ui, ri)`: the forward that also returns the gradients of
   loss = Σ row_coef_i·loss_i, for backends where that beats recomputing (`GRAD_IN_FORWARD`); the
   backward then only scales them.
+- Each takes a last optional `class_index`: int64 [C'] distinct rows of prototypes (PartialFC
+  sampling). The op then sees the C' classes class_index[0..C') in that order, reading those rows
+  through the index (no C' × D copy): labels and neg_index are positions in class_index, and
+  grad_prototypes is [C', D], row j the gradient of prototype class_index[j]. The autograd
+  formula below scatters it into the [C, D] gradient that `prototypes` needs (zero elsewhere):
+  the kernels then never write, nor zero-fill, the C − C' rows that get no gradient.
 
 This module registers their fake kernels and autograd formulas, and composes them with the
 reduction, which every backend shares with the reference. The ops are differentiable once: their
@@ -42,14 +48,21 @@ from .backends import (
     resolve_backend,
 )
 from .reference import IGNORE_INDEX, HeadOutput, stat_dtype
-from .validation import validate_head_inputs, validate_kernel_options
+from .validation import validate_class_index, validate_head_inputs, validate_kernel_options
 
 GRAD_IN_FORWARD = frozenset(b.name for b in DESCRIPTIONS if b.grad_in_forward)
 """Backends whose `head_forward_with_grad` is faster than forward + recomputing backward."""
 
 
+def _grad_prototypes_like(prototypes, class_index):
+    """The op's grad_prototypes: [C, D], or [C', D] with a class index."""
+    if class_index is None:
+        return torch.empty_like(prototypes)
+    return prototypes.new_empty(class_index.shape[0], prototypes.shape[1])
+
+
 def _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                       chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
+                       chunk_size, grad_filter_eps, ui_center=None, ri_form="product", class_index=None):
     batch = embeddings.shape[0]
     row = embeddings.new_empty(batch, dtype=stat_dtype(embeddings.dtype))
     return (row, row.clone(), row.clone(), embeddings.new_empty(batch, dtype=torch.int64), row.clone(),
@@ -57,16 +70,25 @@ def _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mod
 
 
 def _head_forward_with_grad_fake(embeddings, prototypes, labels, row_coef, scale, margin, margin_mode,
-                                 ignore_index, chunk_size, grad_filter_eps, ui_center=None, ri_form="product"):
+                                 ignore_index, chunk_size, grad_filter_eps, ui_center=None, ri_form="product",
+                                 class_index=None):
     *rows, cos_ui, ri = _head_forward_fake(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
                                            chunk_size, grad_filter_eps)
     loss = rows[0].new_empty(())
-    return (loss, *rows, torch.empty_like(embeddings), torch.empty_like(prototypes), cos_ui, ri)
+    return (loss, *rows, torch.empty_like(embeddings), _grad_prototypes_like(prototypes, class_index), cos_ui, ri)
 
 
 def _head_backward_fake(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
-                        chunk_size, grad_filter_eps):
-    return torch.empty_like(embeddings), torch.empty_like(prototypes)
+                        chunk_size, grad_filter_eps, class_index=None):
+    return torch.empty_like(embeddings), _grad_prototypes_like(prototypes, class_index)
+
+
+def _scatter_rows(grad: torch.Tensor, shape: torch.Size, class_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """The [C, D] gradient of `prototypes` from the op's [C', D] one: row j goes to class_index[j],
+    every other row is exactly 0."""
+    if class_index is None:
+        return grad
+    return grad.new_zeros(shape).index_copy_(0, class_index, grad)
 
 
 def refuse_double_backward(
@@ -129,7 +151,8 @@ def register_head_ops(prefix: str) -> None:
     def setup_forward(ctx, inputs, output):
         embeddings, prototypes, labels = inputs[:3]
         scale, margin, margin_mode, _, chunk_size, grad_filter_eps = inputs[3:9]
-        ctx.save_for_backward(embeddings, prototypes, labels, output[4])
+        class_index = inputs[11] if len(inputs) > 11 else None
+        ctx.save_for_backward(embeddings, prototypes, labels, output[4], class_index)
         ctx.options = (scale, margin, margin_mode, chunk_size, grad_filter_eps)
         ctx.num_inputs = len(inputs)
         ctx.mark_non_differentiable(*output[1:])  # the statistics
@@ -138,16 +161,20 @@ def register_head_ops(prefix: str) -> None:
 
     def backward_forward(ctx, grad_loss_rows, *_):
         refuse_double_backward(forward_name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
-        embeddings, prototypes, labels, lse = ctx.saved_tensors
+        embeddings, prototypes, labels, lse, class_index = ctx.saved_tensors
         # Grad mode is on here only where nothing differentiates the result (torch.func.grad's
         # backward, refused above otherwise): the backward op must not record a graph there.
         with torch.no_grad():
+            extra = () if class_index is None else (class_index,)
             grad_e, grad_w = backward_op(embeddings, prototypes, labels, lse,
-                                         grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options)
+                                         grad_loss_rows.to(lse.dtype).contiguous(), *ctx.options, *extra)
+            grad_w = _scatter_rows(grad_w, prototypes.shape, class_index)
         return (grad_e, grad_w) + (None,) * (ctx.num_inputs - 2)
 
     def setup_with_grad(ctx, inputs, output):
-        ctx.save_for_backward(output[6], output[7])
+        class_index = inputs[12] if len(inputs) > 12 else None
+        ctx.save_for_backward(output[6], output[7], class_index)
+        ctx.prototypes_shape = inputs[1].shape
         ctx.differentiated = functorch.requires_second_derivative(*inputs[:2])
         ctx.backend = functorch.backend_of(with_grad_name, inputs[0].device)
         ctx.num_inputs = len(inputs)
@@ -159,10 +186,11 @@ def register_head_ops(prefix: str) -> None:
         if grad_loss is None:  # the loss got no gradient (grads are not materialised)
             return (None,) * ctx.num_inputs
         refuse_double_backward(with_grad_name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
-        grad_e, grad_w = ctx.saved_tensors
+        grad_e, grad_w, class_index = ctx.saved_tensors
         # At their last use, scaling in place keeps a single C × D gradient at the peak.
         in_place = _may_scale_in_place(grad_e, grad_w)
-        grads = (_scaled(grad_e, grad_loss, in_place), _scaled(grad_w, grad_loss, in_place))
+        grads = (_scaled(grad_e, grad_loss, in_place),
+                 _scatter_rows(_scaled(grad_w, grad_loss, in_place), ctx.prototypes_shape, class_index))
         return grads + (None,) * (ctx.num_inputs - 2)
 
     torch.library.register_fake(forward_name)(_head_forward_fake)
@@ -202,6 +230,7 @@ def arcface_head(
     chunk_size: int = 0,
     grad_filter_eps: float = 0.0,
     differentiable_stats: bool = False,
+    class_index: Optional[torch.Tensor] = None,
 ) -> HeadOutput:
     """ArcFace loss over normalised prototypes, with the REE per-row statistics (docs/spec.md §2).
 
@@ -225,6 +254,11 @@ def arcface_head(
             another; a backend asked for by name raises on a value it does not take.
         grad_filter_eps: Triton only: skip backward tiles whose |softmax − one-hot| < eps
             everywhere (0, the default, is exact).
+        class_index: int64 [C'] distinct classes in [0, C) (PartialFC sampling,
+            `ree.models.sample_classes`), or None for all C. The loss then runs over these C'
+            classes only, reading their prototypes through the index: `labels` and the returned
+            `neg_index` are positions in class_index, and the prototypes' gradient is exactly 0 on
+            every row not in it. The same as `prototypes[class_index]` with those labels.
         differentiable_stats: make cos_pos, cos_neg, cos_ui and ri differentiable with respect
             to the embeddings, the prototypes (the rows y_i and neg_index_i) and ui_center, with
             the same values (an ablation of the paper's detached RI target). Off: they carry no
@@ -242,10 +276,11 @@ def arcface_head(
             chunk_size the named backend does not take, grad_filter_eps on a backend without it.
         RuntimeError: the backend cannot run here (not built, not installed, another device).
     """
+    num_classes = None if class_index is None else validate_class_index(class_index, prototypes)
     validate_head_inputs(
         embeddings, prototypes, labels, ui_center, sample_weight,
         scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-        ignore_index=ignore_index, reduction=reduction,
+        ignore_index=ignore_index, reduction=reduction, num_classes=num_classes,
     )
     validate_kernel_options(chunk_size, grad_filter_eps)
     if not isinstance(differentiable_stats, bool):
@@ -255,8 +290,10 @@ def arcface_head(
     if grad_filter_eps and chosen != "triton":
         raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")
     if chosen == "reference":
+        # The specification materialises everything, the sampled prototypes included.
+        sampled = prototypes if class_index is None else prototypes.index_select(0, class_index)
         out = reference.arcface_head(
-            embeddings, prototypes, labels, ui_center,
+            embeddings, sampled, labels, ui_center,
             scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
             sample_weight=sample_weight, ignore_index=ignore_index, reduction=reduction,
         )
@@ -264,7 +301,7 @@ def arcface_head(
         embeddings_c, prototypes_c = embeddings.contiguous(), prototypes.contiguous()
         labels_c = labels.contiguous()
         options = (float(scale), float(margin), margin_mode, ignore_index, chunk_size, float(grad_filter_eps),
-                   ui_center, ri_form)
+                   ui_center, ri_form) + (() if class_index is None else (class_index.contiguous(),))
         coef = reference.loss_coefficients(
             labels_c, sample_weight, ignore_index, reduction, stat_dtype(embeddings.dtype))
         if (reduction != "none" and chosen in GRAD_IN_FORWARD and _needs_grad(embeddings, prototypes)
@@ -280,6 +317,8 @@ def arcface_head(
             loss = reference.reduce_rows(loss_rows, coef, reduction)
         out = HeadOutput(loss, cos_pos, cos_neg, neg_index, cos_ui, ri, lse)
     if differentiable_stats:
-        out = reference.attach_statistic_gradients(out, embeddings, prototypes, labels, ui_center,
+        # An ablation: with a class index it differentiates through a gathered copy.
+        sampled = prototypes if class_index is None else prototypes.index_select(0, class_index)
+        out = reference.attach_statistic_gradients(out, embeddings, sampled, labels, ui_center,
                                                    ignore_index=ignore_index, ri_form=ri_form)
     return out

@@ -178,6 +178,29 @@ def validate_head_inputs(
         _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, ignore_index)
 
 
+def validate_class_index(class_index: object, prototypes: torch.Tensor) -> int:
+    """Checks a PartialFC class index: int64 [C'], C' ≥ 1, on the prototypes' device; on the CPU
+    also that its entries are distinct and lie in [0, C) (elsewhere that would read the data back,
+    so it is left to the caller, as `ree.models` samples it). Returns C'.
+
+    Raises:
+        TypeError: not an int64 tensor.
+        ValueError: a wrong shape or device, an entry out of range or repeated.
+    """
+    index = _tensor("class_index", class_index, 1, (torch.int64,))
+    _same_device("prototypes", prototypes, class_index=index)
+    if index.shape[0] == 0:
+        raise ValueError("class_index is empty (C' = 0)")
+    if index.device.type == "cpu":
+        classes = prototypes.shape[0]
+        bad = (index < 0) | (index >= classes)
+        if bool(bad.any()):
+            raise ValueError(f"class_index must lie in [0, {classes}); found {int(index[bad][0])}")
+        if torch.unique(index).shape[0] != index.shape[0]:
+            raise ValueError("class_index has a repeated class")
+    return index.shape[0]
+
+
 def validate_kernel_options(chunk_size: int, grad_filter_eps: float) -> None:
     """The kernels' tuning options of `arcface_head` (see its docstring); what each backend
     accepts of chunk_size beyond this is `backends.chunk_size_for`'s.

@@ -108,3 +108,15 @@ def test_ampere_takes_its_own_warps_for_float32_tiles(arch, forward_warps, backw
     assert warps("forward_tiles_kernel") == forward_warps
     assert warps("grad_embeddings_kernel") == warps("grad_prototypes_kernel") == backward_warps
     assert _problems(records) == []
+
+
+def test_class_index_path_compiles_without_spills_on_sm90():
+    """PartialFC sampling: the forward and backward kernels that read the prototypes through a
+    class index (HAS_INDEX) compile for sm_90 without spills."""
+    records = _compile(90, "bfloat16", """
+        index = torch.empty(10_000, dtype=torch.int64, device=META)
+        head.forward_rows(e, w, labels, 64.0, 0.5, "arcface", -100, 0, class_index=index)
+        head.backward_grads(e, w, labels, rows, rows, 64.0, 0.5, "arcface", 0, 0.0, class_index=index)
+        """)
+    assert _problems(records) == []
+    assert {"norms_kernel", "forward_tiles_kernel", "grad_prototypes_kernel"} <= {r["kernel"] for r in records}

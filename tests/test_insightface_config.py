@@ -120,11 +120,12 @@ def test_a_file_is_never_executed(tmp_path):
         read_assignments(write(tmp_path, "config.lr = (", "broken.py"))
 
 
-def test_partial_fc_sampling_is_stored_and_refused_until_the_head_samples(tmp_path):
+def test_partial_fc_sampling_is_read_into_the_config(tmp_path):
     fields = train_fields(write(tmp_path, GLINT_R100_COSFACE.replace("sample_rate = 1.0", "sample_rate = 0.2")))
     assert fields["sample_rate"] == 0.2
-    with pytest.raises(ValueError, match=r"sample_rate=0.2: PartialFC's class sampling .* not supported by the head"):
-        TrainConfig.from_dict(fields)
+    assert TrainConfig.from_dict(fields).sample_rate == 0.2
+    with pytest.raises(ValueError, match="sample_rate must lie in"):
+        TrainConfig.from_dict({**fields, "sample_rate": 0.0})
 
 
 def test_ree_train_insightface_config_flags_override_it(tmp_path):

@@ -254,8 +254,10 @@ template <typename scalar_t, typename T>
 struct ExactCosine {
   const scalar_t* v;  // the row's embedding
   double inv_v;
-  const scalar_t* w;  // the chunk's first prototype
-  const double* sq_w;
+  const scalar_t* protos;  // all C rows
+  const int64_t* index;    // class_index (column j reads row index[c0 + j]), or null (row c0 + j)
+  int64_t c0;              // the chunk's first column
+  const double* sq_w;      // the chunk's squared norms, by column
   int64_t dim;
 
   // Two cosines closer than this may be ordered differently by BLAS than by exact arithmetic:
@@ -263,7 +265,10 @@ struct ExactCosine {
   T slack() const { return T(2 * (dim + 4)) * std::numeric_limits<T>::epsilon(); }
 
   // The cosine before the clamp.
-  T raw(int64_t j) const { return static_cast<T>(dot<double>(v, w + j * dim, dim) * inv_v * inverse_norm(sq_w[j])); }
+  T raw(int64_t j) const {
+    const scalar_t* w = protos + (index ? index[c0 + j] : c0 + j) * dim;
+    return static_cast<T>(dot<double>(v, w, dim) * inv_v * inverse_norm(sq_w[j]));
+  }
 };
 
 // The columns of one row's chunk that take their cosine from ExactCosine, not from BLAS: besides
@@ -485,26 +490,38 @@ int64_t rows_per_block(int64_t batch, int64_t classes) {
 
 
 // The inputs in the form every driver takes: normalised embeddings in the accumulation type
-// (B × D, small), the prototypes as given, the squared norms of both.
+// (B × D, small), the prototypes as given, the squared norms of both. With a class index (PartialFC
+// sampling) the classes are its C' positions: column j reads prototype row index[j], through the
+// index (a chunk at a time, never a C' × D copy), and grad_prototypes is [C', D].
 template <typename scalar_t, typename T>
 struct Prepared {
   Tensor emb, protos, labels;
+  Tensor index;     // [C'] int64, or undefined (every row, in order)
   Tensor v_hat;     // [B, D] in T
   Tensor sq_v;      // [B] in double
   Tensor sq_w;      // [C] in double
   Tensor inv_w;     // [C] in T
   int64_t batch, classes, dim;
 
-  Prepared(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels_in)
+  Prepared(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels_in,
+           const c10::optional<Tensor>& class_index)
       : emb(embeddings.contiguous()), protos(prototypes.contiguous()), labels(labels_in.contiguous()) {
+    if (class_index.has_value()) index = class_index->contiguous();
     batch = emb.size(0);
-    classes = protos.size(0);
+    classes = index.defined() ? index.size(0) : protos.size(0);
     dim = emb.size(1);
     const auto acc = emb.options().dtype(c10::CppTypeToScalarType<T>::value);
     sq_v = at::empty({batch}, emb.options().dtype(at::kDouble));
     sq_w = at::empty({classes}, sq_v.options());
     squared_norms(emb.data_ptr<scalar_t>(), batch, dim, sq_v.data_ptr<double>());
-    squared_norms(protos.data_ptr<scalar_t>(), classes, dim, sq_w.data_ptr<double>());
+    if (index.defined()) {
+      double* sq = sq_w.data_ptr<double>();
+      at::parallel_for(0, classes, rows_grain(dim), [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) squared_norms(row(j), 1, dim, sq + j);
+      });
+    } else {
+      squared_norms(protos.data_ptr<scalar_t>(), classes, dim, sq_w.data_ptr<double>());
+    }
     inv_w = at::empty({classes}, acc);
     const double* sq = sq_w.data_ptr<double>();
     T* inv = inv_w.data_ptr<T>();
@@ -537,17 +554,29 @@ struct Prepared {
     });
   }
 
-  ExactCosine<scalar_t, T> exact(int64_t row, int64_t c0) const {
-    return {emb.data_ptr<scalar_t>() + row * dim, inverse_norm(sq_v.data_ptr<double>()[row]),
-            protos.data_ptr<scalar_t>() + c0 * dim, sq_w.data_ptr<double>() + c0, dim};
+  // The prototype of column j.
+  const scalar_t* row(int64_t j) const {
+    return protos.data_ptr<scalar_t>() + (index.defined() ? index.data_ptr<int64_t>()[j] : j) * dim;
   }
 
-  // Prototypes [c0, c0 + n) in T: a view, or converted into `buffer` (bfloat16, float16).
+  ExactCosine<scalar_t, T> exact(int64_t i, int64_t c0) const {
+    return {emb.data_ptr<scalar_t>() + i * dim, inverse_norm(sq_v.data_ptr<double>()[i]), protos.data_ptr<scalar_t>(),
+            index.defined() ? index.data_ptr<int64_t>() : nullptr, c0, sq_w.data_ptr<double>() + c0, dim};
+  }
+
+  // The prototypes of columns [c0, c0 + n) in T: a view, or converted into `buffer` (bfloat16,
+  // float16), or gathered into it through the class index (a chunk-sized workspace).
   Tensor prototype_chunk(int64_t c0, int64_t n, Tensor& buffer) const {
-    Tensor chunk = protos.narrow(0, c0, n);
-    if (std::is_same<scalar_t, T>::value) return chunk;
+    if (std::is_same<scalar_t, T>::value && !index.defined()) return protos.narrow(0, c0, n);
     if (!buffer.defined()) buffer = at::empty({std::min(classes, n) * dim}, v_hat.options());
-    return buffer.narrow(0, 0, n * dim).view({n, dim}).copy_(chunk);
+    Tensor out = buffer.narrow(0, 0, n * dim).view({n, dim});
+    if (!index.defined()) return out.copy_(protos.narrow(0, c0, n));
+    T* o = out.data_ptr<T>();
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* w = row(c0 + j);
+      for (int64_t d = 0; d < dim; ++d) o[j * dim + d] = static_cast<T>(w[d]);
+    }
+    return out;
   }
 
   // grad_embeddings from u = ∂L/∂v̂ ([B, D] in T, overwritten).
@@ -568,13 +597,12 @@ struct Prepared {
     return grad;
   }
 
-  // grad_prototypes rows [c0, c0 + n) from t = ∂L/∂ŵ · inv_w ([n, D] in T; may alias the output).
+  // grad_prototypes rows (columns) [c0, c0 + n) from t = ∂L/∂ŵ · inv_w ([n, D] in T; may alias the output).
   void prototype_grad(const T* t, int64_t c0, int64_t n, scalar_t* grad) const {
     const double* sq = sq_w.data_ptr<double>() + c0;
-    const scalar_t* w = protos.data_ptr<scalar_t>() + c0 * dim;
     at::parallel_for(0, n, rows_grain(dim), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        normalize_backward(w + j * dim, sq[j], t + j * dim, grad + (c0 + j) * dim, dim);
+        normalize_backward(row(c0 + j), sq[j], t + j * dim, grad + (c0 + j) * dim, dim);
       }
     });
   }
@@ -587,9 +615,11 @@ struct Prepared {
 // The worker threads take the caller's thread-local state: the ATen calls there must also run
 // below autograd, as the op itself does.
 
-// Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp.
+// Class chunks of `chunk` against all rows; one product per chunk, online log-sum-exp. With
+// `keep` (B × C in T), each chunk's products stay there, chunk after chunk, for backward_pass.
 template <typename scalar_t, typename T>
-void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out) {
+void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk, const RowOutputs<T>& out,
+                  T* keep = nullptr) {
   const int64_t chunks = (in.classes + chunk - 1) / chunk;
   std::vector<std::vector<RowState<T>>> ranges(chunks);  // filled at each range's first chunk
   const int64_t* labels = in.labels.template data_ptr<int64_t>();
@@ -603,7 +633,8 @@ void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t 
     Tensor s_buffer = at::empty({in.batch * std::min(chunk, in.classes)}, in.v_hat.options());
     for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
       const int64_t n = std::min(chunk, in.classes - c0);
-      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+      Tensor s = keep ? at::from_blob(keep + in.batch * c0, {in.batch, n}, in.v_hat.options())
+                      : s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
       at::mm_out(s, in.v_hat, in.prototype_chunk(c0, n, w_buffer).t());
       const T* sp = s.data_ptr<T>();
       for (int64_t i = 0; i < in.batch; ++i) {
@@ -621,13 +652,14 @@ void forward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t 
 }
 
 // Gradients of Σ_i coef_i · loss_i given each row's lse; chunks of classes, recomputing the
-// cosines. Returns (grad_embeddings, grad_prototypes).
+// cosines, or taking them from `kept` (forward_pass's `keep`, the same chunking; overwritten).
+// Returns (grad_embeddings, grad_prototypes).
 template <typename scalar_t, typename T>
 std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const Problem<T>& p, int64_t chunk,
-                                         const T* lse, const T* coef) {
+                                         const T* lse, const T* coef, T* kept = nullptr) {
   constexpr bool same = std::is_same<scalar_t, T>::value;
   const int64_t chunks = (in.classes + chunk - 1) / chunk;
-  Tensor grad_w = at::empty_like(in.protos);
+  Tensor grad_w = at::empty({in.classes, in.dim}, in.protos.options());  // by column
   std::vector<Tensor> range_u(chunks);  // ∂L/∂v̂ of each range, at its first chunk
   const int64_t* labels = in.labels.template data_ptr<int64_t>();
   const T* inv_w = in.inv_w.template data_ptr<T>();
@@ -642,8 +674,13 @@ std::tuple<Tensor, Tensor> backward_pass(const Prepared<scalar_t, T>& in, const 
     for (int64_t c0 = first * chunk; c0 < std::min(last * chunk, in.classes); c0 += chunk) {
       const int64_t n = std::min(chunk, in.classes - c0);
       const Tensor wc = in.prototype_chunk(c0, n, w_buffer);
-      Tensor s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
-      at::mm_out(s, in.v_hat, wc.t());
+      Tensor s;
+      if (kept) {
+        s = at::from_blob(kept + in.batch * c0, {in.batch, n}, in.v_hat.options());
+      } else {
+        s = s_buffer.narrow(0, 0, in.batch * n).view({in.batch, n});
+        at::mm_out(s, in.v_hat, wc.t());
+      }
       T* sp = s.data_ptr<T>();
       for (int64_t i = 0; i < in.batch; ++i) {
         T* row = sp + i * n;
@@ -676,7 +713,7 @@ std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const
   const int64_t classes = in.classes;
   Tensor w_buffer;
   const Tensor w = in.prototype_chunk(0, classes, w_buffer);
-  Tensor grad_w = at::empty_like(in.protos);
+  Tensor grad_w = at::empty({in.classes, in.dim}, in.protos.options());  // by column
   Tensor t = same ? grad_w : at::empty({classes, in.dim}, in.v_hat.options());  // ∂L/∂ŵ · inv_w
   Tensor u = at::empty_like(in.v_hat);                                          // ∂L/∂v̂
   Tensor s_buffer = at::empty({std::min(rows, in.batch) * classes}, in.v_hat.options());
@@ -716,7 +753,7 @@ std::tuple<Tensor, Tensor> with_grad_pass(const Prepared<scalar_t, T>& in, const
 // ---------------------------------------------------------------------------------------------
 
 void check_inputs(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale,
-                  int64_t chunk_size, double grad_filter_eps) {
+                  int64_t chunk_size, double grad_filter_eps, const c10::optional<Tensor>& class_index) {
   TORCH_CHECK_VALUE(embeddings.dim() == 2, "embeddings must be [B, D], got ", embeddings.sizes());
   TORCH_CHECK_VALUE(prototypes.dim() == 2, "prototypes must be [C, D], got ", prototypes.sizes());
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == embeddings.size(0),
@@ -737,6 +774,17 @@ void check_inputs(const Tensor& embeddings, const Tensor& prototypes, const Tens
                     "grad_filter_eps is implemented by the triton backend only; the cpu backend is always "
                     "exact (pass 0), got ",
                     grad_filter_eps);
+  if (class_index.has_value()) {
+    const Tensor& index = *class_index;
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "class_index must be int64, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) > 0, "class_index must be a non-empty [C'], got ",
+                      index.sizes());
+    TORCH_CHECK_VALUE(index.device() == prototypes.device(), "class_index is on ", index.device(),
+                      " but prototypes is on ", prototypes.device());
+    const int64_t classes = prototypes.size(0);
+    TORCH_CHECK_VALUE(((index < 0) | (index >= classes)).any().item<bool>() == false,
+                      "class_index must lie in [0, C) with C = ", classes);
+  }
 }
 
 Tensor row_vector(const Tensor& x, const char* name, int64_t batch, at::ScalarType dtype) {
@@ -797,12 +845,12 @@ Problem<T> problem_of(double scale, double margin, const std::string& margin_mod
 ForwardResult head_forward_cpu(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
                                double scale, double margin, c10::string_view margin_mode, int64_t ignore_index,
                                int64_t chunk_size, double grad_filter_eps, const c10::optional<Tensor>& ui_center,
-                               c10::string_view ri_form) {
-  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+                               c10::string_view ri_form, const c10::optional<Tensor>& class_index) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps, class_index);
   const Tensor ui = ui_direction(ui_center, embeddings);
   ForwardResult rows = empty_rows(embeddings);
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_cpu", [&] {
-    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels, class_index);
     const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
     forward_pass(in, p, class_chunk(chunk_size, in.classes), outputs_of(rows, in, ui, ri_form));
   });
@@ -812,14 +860,15 @@ ForwardResult head_forward_cpu(const Tensor& embeddings, const Tensor& prototype
 std::tuple<Tensor, Tensor> head_backward_cpu(const Tensor& embeddings, const Tensor& prototypes,
                                              const Tensor& labels, const Tensor& lse, const Tensor& row_grad,
                                              double scale, double margin, c10::string_view margin_mode,
-                                             int64_t chunk_size, double grad_filter_eps) {
-  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+                                             int64_t chunk_size, double grad_filter_eps,
+                                             const c10::optional<Tensor>& class_index) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps, class_index);
   const auto sdt = stat_type(embeddings.scalar_type());
   const Tensor lse_c = row_vector(lse, "lse", embeddings.size(0), sdt);
   const Tensor grad_c = row_vector(row_grad, "row_grad", embeddings.size(0), sdt);
   std::tuple<Tensor, Tensor> grads;
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_backward_cpu", [&] {
-    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels, class_index);
     const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), kNoIgnoreIndex, in.classes);
     grads = backward_pass(in, p, class_chunk(chunk_size, in.classes), lse_c.data_ptr<acc_t>(),
                           grad_c.data_ptr<acc_t>());
@@ -830,22 +879,23 @@ std::tuple<Tensor, Tensor> head_backward_cpu(const Tensor& embeddings, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_with_grad_cpu(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, const Tensor& row_coef, double scale,
     double margin, c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,
-    const c10::optional<Tensor>& ui_center, c10::string_view ri_form) {
-  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps);
+    const c10::optional<Tensor>& ui_center, c10::string_view ri_form, const c10::optional<Tensor>& class_index) {
+  check_inputs(embeddings, prototypes, labels, scale, chunk_size, grad_filter_eps, class_index);
   const auto sdt = stat_type(embeddings.scalar_type());
   const Tensor coef = row_vector(row_coef, "row_coef", embeddings.size(0), sdt);
   const Tensor ui = ui_direction(ui_center, embeddings);
   ForwardResult rows = empty_rows(embeddings);
   Tensor grad_e, grad_w;
   REE_DISPATCH_HEAD(embeddings.scalar_type(), "head_forward_with_grad_cpu", [&] {
-    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels);
+    const Prepared<scalar_t, acc_t> in(embeddings, prototypes, labels, class_index);
     const auto p = problem_of<acc_t>(scale, margin, std::string(margin_mode), ignore_index, in.classes);
     const RowOutputs<acc_t> out = outputs_of(rows, in, ui, ri_form);
     const int64_t block = rows_per_block(in.batch, in.classes);
     // Whole rows in row blocks when the inputs are in the accumulation type (a bfloat16 or
     // float16 W would need a float32 C × D accumulator across blocks), the workspace holds
-    // enough rows, and chunk_size does not ask for smaller chunks of classes.
-    const bool whole_rows = std::is_same<scalar_t, acc_t>::value &&
+    // enough rows, chunk_size does not ask for smaller chunks of classes, and there is no class
+    // index (whole rows would need the C' sampled prototypes gathered at once).
+    const bool whole_rows = std::is_same<scalar_t, acc_t>::value && !in.index.defined() &&
                             block >= std::min(in.batch, kRowBlock / 2) &&
                             (chunk_size == 0 || chunk_size >= in.classes);
     if (whole_rows) {
@@ -853,8 +903,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       return;
     }
     const int64_t chunk = class_chunk(chunk_size, in.classes);
-    forward_pass(in, p, chunk, out);
-    std::tie(grad_e, grad_w) = backward_pass(in, p, chunk, out.lse, coef.data_ptr<acc_t>());
+    // With a class index, the chunks' products are kept for the gradient where they fit the
+    // row-block workspace: three products, as whole rows take, without gathering all C' rows.
+    Tensor kept;
+    if (in.index.defined() && in.batch * in.classes <= kRowBlockElements) {
+      kept = at::empty({in.batch * in.classes}, in.v_hat.options());
+    }
+    acc_t* keep = kept.defined() ? kept.data_ptr<acc_t>() : nullptr;
+    forward_pass(in, p, chunk, out, keep);
+    std::tie(grad_e, grad_w) = backward_pass(in, p, chunk, out.lse, coef.data_ptr<acc_t>(), keep);
   });
   // Σ_i coef_i · loss_i in a fixed order (ignored rows have coef 0 and loss 0).
   const Tensor loss = (coef.to(at::kDouble) * std::get<0>(rows).to(at::kDouble)).sum().to(sdt);

@@ -1,6 +1,9 @@
 // arcface_head on CUDA, the torch side: streams over chunks of prototypes, one cuBLAS product
 // (at::mm) per chunk into a float32 workspace, then the chunk's fused epilogue (head_kernels.cu).
 // Nothing of size B × C is allocated: the workspace is B × chunk, the saved state per row.
+// With a class index (PartialFC sampling) the columns are its C' entries: each chunk's rows are
+// gathered into a chunk × D workspace for its product (cuBLAS needs them contiguous), never all
+// C' at once, and grad_prototypes is [C', D].
 // The contract of head_forward / head_backward is in ree_kernels/head.py; the design in
 // docs/design.md (## CUDA backend).
 #include <torch/library.h>
@@ -33,12 +36,21 @@ int64_t chunk_columns(int64_t batch, int64_t classes, int64_t chunk_size) {
 
 struct HeadInputs {
   Tensor embeddings, prototypes, labels;
-  int64_t batch, classes, dim;
+  int64_t batch, classes, dim;  // classes: C, or C' with a class index
   ElemType type;
+  Tensor index;  // [C'] int64, or undefined
+
+  // The prototypes of columns [begin, begin + n): a view, or gathered into `buffer` through the index.
+  Tensor columns(int64_t begin, int64_t n, Tensor& buffer) const {
+    if (!index.defined()) return prototypes.narrow(0, begin, n);
+    if (!buffer.defined()) buffer = at::empty({std::min(n, classes) * dim}, prototypes.options());
+    Tensor out = buffer.narrow(0, 0, n * dim).view({n, dim});
+    return at::index_select_out(out, prototypes, 0, index.narrow(0, begin, n));
+  }
 };
 
 HeadInputs check_head_inputs(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
-                             double grad_filter_eps) {
+                             double grad_filter_eps, const c10::optional<Tensor>& class_index) {
   TORCH_CHECK_VALUE(grad_filter_eps == 0.0,
                     "grad_filter_eps is implemented by the triton backend only; the cuda backend needs 0, got ",
                     grad_filter_eps);
@@ -60,7 +72,16 @@ HeadInputs check_head_inputs(const Tensor& embeddings, const Tensor& prototypes,
   TORCH_CHECK_VALUE(prototypes.size(1) == dim, "prototypes has D = ", prototypes.size(1), " but embeddings has D = ",
                     dim);
   TORCH_CHECK_VALUE(labels.size(0) == batch, "labels has ", labels.size(0), " entries but B is ", batch);
-  return {embeddings.contiguous(), prototypes.contiguous(), labels.contiguous(), batch, classes, dim, type};
+  Tensor index;
+  if (class_index.has_value()) {
+    index = class_index->contiguous();
+    check_cuda(index, "class_index", device);
+    TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "class_index must be int64, got ", index.scalar_type());
+    TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) > 0, "class_index must be a non-empty [C'], got ",
+                      index.sizes());
+  }
+  return {embeddings.contiguous(), prototypes.contiguous(), labels.contiguous(), batch,
+          index.defined() ? index.size(0) : classes, dim, type, index};
 }
 
 // A per-row float32 input of the backward (lse, row_grad), on the inputs' device.
@@ -93,8 +114,20 @@ Targets label_columns(const HeadInputs& in, int64_t ignore_index, double scale, 
   Tensor values = at::empty({4, in.batch}, in.embeddings.options().dtype(at::kFloat));
   float* base = values.mutable_data_ptr<float>();
   const HeadTargets view{base, base + in.batch, base + 2 * in.batch, base + 3 * in.batch};
+  // With a class index, head_targets reads the label's prototype row through it: a row with a
+  // target gets its class id, every other row −1 with −1 as the ignore index (no target); the
+  // chunk kernels and the finish keep the positions and the caller's ignore_index.
+  Tensor labels = in.labels;
+  int64_t targets_ignore = ignore_index;
+  int64_t targets_classes = in.classes;
+  if (in.index.defined()) {
+    const Tensor has = (labels >= 0) & (labels < in.classes) & (labels != ignore_index);
+    labels = at::where(has, in.index.index_select(0, labels.clamp(0, in.classes - 1)), -1).contiguous();
+    targets_ignore = -1;
+    targets_classes = in.prototypes.size(0);
+  }
   check_launch(head_targets(in.embeddings.const_data_ptr(), in.prototypes.const_data_ptr(), in.type,
-                            in.labels.const_data_ptr<int64_t>(), in.batch, in.classes, in.dim, ignore_index,
+                            labels.const_data_ptr<int64_t>(), in.batch, targets_classes, in.dim, targets_ignore,
                             static_cast<float>(scale), margin, view, stream),
                "head_targets");
   return {values, view};
@@ -115,8 +148,8 @@ Tensor inverse_norms(const Tensor& x, ElemType type, cudaStream_t stream, const 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale, double margin,
     c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,
-    const c10::optional<Tensor>& ui_center, c10::string_view ri_form) {
-  const HeadInputs in = check_head_inputs(embeddings, prototypes, labels, grad_filter_eps);
+    const c10::optional<Tensor>& ui_center, c10::string_view ri_form, const c10::optional<Tensor>& class_index) {
+  const HeadInputs in = check_head_inputs(embeddings, prototypes, labels, grad_filter_eps, class_index);
   const MarginParams params = make_margin(std::string(margin_mode.data(), margin_mode.size()), margin);
   const RiForm form = make_ri_form(std::string(ri_form.data(), ri_form.size()));
   const int64_t cols = chunk_columns(in.batch, in.classes, chunk_size);
@@ -137,7 +170,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_
 
   const Targets targets = label_columns(in, ignore_index, scale, params, stream);
   const Tensor inv_rows = inverse_norms(in.embeddings, in.type, stream, ui, out.cos_ui);
-  const Tensor inv_classes = inverse_norms(in.prototypes, in.type, stream);
+  // With an index, each chunk's inverse norms are written when its rows are gathered.
+  Tensor inv_classes = in.index.defined() ? at::empty({in.classes}, float_opts)
+                                          : inverse_norms(in.prototypes, in.type, stream);
+  Tensor gathered;
   const int64_t splits = head_row_splits(in.batch);
   const int64_t slots = splits * in.batch;
   Tensor state_values = at::empty({3 * slots}, float_opts);
@@ -149,7 +185,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_
   for (int64_t begin = 0; begin < in.classes; begin += cols) {
     const int64_t n = std::min(cols, in.classes - begin);
     Tensor dots = workspace.narrow(0, 0, in.batch * n).view({in.batch, n});
-    mm_float(in.embeddings, in.prototypes.narrow(0, begin, n).t(), dots);
+    const Tensor chunk = in.columns(begin, n, gathered);
+    if (in.index.defined()) inv_classes.narrow(0, begin, n).copy_(inverse_norms(chunk, in.type, stream));
+    mm_float(in.embeddings, chunk.t(), dots);
     check_launch(head_forward_chunk(dots.const_data_ptr<float>(), in.batch, begin, n, in.classes,
                                     inv_rows.const_data_ptr<float>(), inv_classes.const_data_ptr<float>(),
                                     in.labels.const_data_ptr<int64_t>(), ignore_index, static_cast<float>(scale),
@@ -165,8 +203,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_
 std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels,
                                               const Tensor& lse, const Tensor& row_grad, double scale, double margin,
                                               c10::string_view margin_mode, int64_t chunk_size,
-                                              double grad_filter_eps) {
-  const HeadInputs in = check_head_inputs(embeddings, prototypes, labels, grad_filter_eps);
+                                              double grad_filter_eps, const c10::optional<Tensor>& class_index) {
+  const HeadInputs in = check_head_inputs(embeddings, prototypes, labels, grad_filter_eps, class_index);
   const MarginParams params = make_margin(std::string(margin_mode.data(), margin_mode.size()), margin);
   const int64_t cols = chunk_columns(in.batch, in.classes, chunk_size);
   c10::DeviceGuard guard(in.embeddings.device());
@@ -178,7 +216,9 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
   // The backward's target is any label in [0, C).
   const Targets targets = label_columns(in, kNoIgnoreIndex, scale, params, stream);
   const Tensor inv_rows = inverse_norms(in.embeddings, in.type, stream);
-  const Tensor inv_classes = inverse_norms(in.prototypes, in.type, stream);
+  Tensor inv_classes = in.index.defined() ? at::empty({in.classes}, float_opts)
+                                          : inverse_norms(in.prototypes, in.type, stream);
+  Tensor gathered;
   // The row factor row_grad_i · s / ‖v_i‖ of ∂/∂cos_ij = mantissa_i · 2^e_i (kernels.h:
   // head_grad_chunk): the mantissa goes into G, the power of two scales V's rows exactly (a
   // rounded scale would tilt them, and the radial part of the gradient would no longer cancel).
@@ -207,7 +247,8 @@ std::tuple<Tensor, Tensor> head_backward_cuda(const Tensor& embeddings, const Te
 
   for (int64_t begin = 0; begin < in.classes; begin += cols) {
     const int64_t n = std::min(cols, in.classes - begin);
-    const Tensor chunk = in.prototypes.narrow(0, begin, n);
+    const Tensor chunk = in.columns(begin, n, gathered);
+    if (in.index.defined()) inv_classes.narrow(0, begin, n).copy_(inverse_norms(chunk, in.type, stream));
     Tensor dots = workspace.narrow(0, 0, in.batch * n).view({in.batch, n});
     mm_float(in.embeddings, chunk.t(), dots);
     Tensor grad = grad_workspace.narrow(0, 0, in.batch * n).view({in.batch, n});

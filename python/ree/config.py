@@ -119,8 +119,10 @@ class TrainConfig:
     `init` starts the backbone and the embedding layer from pretrained weights (`ree.pretrained`:
     "sface", an SFace .onnx file, or an insightface arcface_torch `backbone.pth`); `arch` must be
     the backbone's ("sface" for SFace; `ree train --init` sets it from the file). The PRM, the
-    PAM and the class prototypes start new. `sample_rate` is PartialFC's fraction of classes per
-    step (arcface_torch's configs); only 1.0 (every class) is trained today."""
+    PAM and the class prototypes start new. `sample_rate` is PartialFC's fraction r of classes per
+    step (arcface_torch's configs): below 1 each step's loss runs over the batch's classes plus
+    uniformly drawn others, ⌈r·C⌉ in all (per class shard with several processes), and the
+    optimiser leaves the other prototypes as they are (`ree.models.ArcFaceHead`)."""
 
     # data
     data: str = "synthetic"
@@ -215,9 +217,6 @@ class TrainConfig:
                 raise ConfigError(f"init {self.init!r} (SFace) needs arch 'sface', got {self.arch!r}")
         if not _finite(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"sample_rate must lie in (0, 1], got {self.sample_rate!r}")
-        if self.sample_rate < 1.0:
-            raise ConfigError(f"sample_rate={self.sample_rate}: PartialFC's class sampling (sample_rate < 1) is not "
-                              f"supported by the head yet; use sample_rate=1.0 (every class each step)")
         if self.seed >= 2 ** 32:
             raise ConfigError(f"seed must be below 2**32 (it seeds the prototype init), got {self.seed}")
         for name, low, high in (("scale", 0.0, MAX_SCALE), ("beta", 0.0, MAX_BETA)):

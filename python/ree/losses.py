@@ -67,7 +67,9 @@ class REELoss(nn.Module):
     `process_group` the loss runs on each rank's rows of the global batch: the head is a
     `ShardedArcFaceHead` over the group (this rank's classes; L_cls is the global batch's) and
     the tracker sums the UI statistics over the ranks, so every rank keeps the same ū and μ_UI.
-    The aux losses stay means over this rank's rows (DDP averages them).
+    The aux losses stay means over this rank's rows (DDP averages them). `sample_rate` < 1 is
+    PartialFC's class sampling in the head (`ArcFaceHead`, `ShardedArcFaceHead`): L_cls and the
+    head's statistics (cos_neg, the RI) are then over each step's sampled classes.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class REELoss(nn.Module):
         backend: str = "auto",
         seed: Optional[int] = None,
         process_group: Optional[dist.ProcessGroup] = None,
+        sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if len(weights) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
@@ -106,7 +109,7 @@ class REELoss(nn.Module):
         if method == "crfiqa":
             ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
         options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-                       ignore_index=ignore_index, backend=backend)
+                       ignore_index=ignore_index, backend=backend, sample_rate=sample_rate)
         if process_group is None:
             self.head = ArcFaceHead(embedding_size, num_classes, seed=seed, **options)
         else:

@@ -87,7 +87,7 @@ class Trainer:
             margin_mode=config.margin_mode, ri_form=config.ri_form, tau=config.tau, beta=config.beta,
             weights=(config.lambda_l1, config.lambda_id, config.lambda_mse), momentum=config.tracker_momentum,
             method=config.method, diversion_target=config.diversion_target, backend=config.backend, seed=config.seed,
-            process_group=self.ranks.group,
+            process_group=self.ranks.group, sample_rate=config.sample_rate,
         ).to(self.device)
         self.ddp_model: Optional[torch.nn.parallel.DistributedDataParallel] = None
         if self.ranks.world > 1:
@@ -106,6 +106,8 @@ class Trainer:
                                              weight_decay=config.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.sample_rate < 1.0:  # PartialFC's sparse update of the prototypes
+            self.criterion.head.keep_unsampled_rows(self.optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupSchedule(
             config.steps, config.warmup_steps, config.schedule, config.milestones, config.gamma))
         # Flips and UIs: one stream on every rank, drawn for the global batch, each rank using

@@ -1,13 +1,14 @@
 """`ShardedArcFaceHead`: this rank's prototypes and the sharded head over them, as a module."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..reference import IGNORE_INDEX, HeadOutput
+from ..sampling import keep_unsampled_rows
 from .group import Group, shard_range
 from .init import init_prototypes
 from .op import sharded_arcface_head
@@ -23,7 +24,10 @@ def _check_range_before_loading(module: "ShardedArcFaceHead", state_dict, prefix
 class ShardedArcFaceHead(nn.Module):
     """The ArcFace prototypes of this rank's classes and `sharded_arcface_head` over them: the
     class-parallel twin of `ree.models.ArcFaceHead` (same constructor order and forward), as
-    insightface's PartialFC_V2 with sample_rate=1.
+    insightface's PartialFC_V2. With `sample_rate` r < 1 (training mode only), each shard runs
+    over its classes among the global batch's labels plus uniformly drawn others, ⌈r·C_r⌉ in all
+    (`sharded_arcface_head`); the last draw's classes (global ids) are `sampled_classes`, and
+    `keep_unsampled_rows(optimizer)` keeps the optimiser off the others (as `ArcFaceHead`'s).
 
     `weight` holds the classes [class_start, class_stop) of `num_classes` (`shard_range` of this
     rank in `process_group`; all of them without torch.distributed), initialised N(0, 0.01²) so
@@ -57,6 +61,8 @@ class ShardedArcFaceHead(nn.Module):
         chunk_size: int = 0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        sample_rate: float = 1.0,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
         if not isinstance(embedding_size, int) or isinstance(embedding_size, bool) or embedding_size < 1:
@@ -71,6 +77,8 @@ class ShardedArcFaceHead(nn.Module):
         self.weight = nn.Parameter(init_prototypes(num_classes, embedding_size, self.class_start,
                                                    self.class_stop, seed=seed, dtype=dtype, device=device))
         self.register_load_state_dict_pre_hook(_check_range_before_loading)
+        self.sample_rate, self.generator = float(sample_rate), generator
+        self.sampled_classes: Optional[torch.Tensor] = None  # global ids
 
     def forward(
         self,
@@ -91,13 +99,25 @@ class ShardedArcFaceHead(nn.Module):
         weight = self.weight
         if isinstance(embeddings, torch.Tensor) and embeddings.is_floating_point():
             weight = weight.to(embeddings.dtype)
+        self.sampled_classes = None
+
+        def record(classes: torch.Tensor) -> None:
+            self.sampled_classes = classes
+
         out = sharded_arcface_head(
             embeddings, weight, labels, ui_center, num_classes=self.num_classes, process_group=self.process_group,
             scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
             sample_weight=sample_weight, ignore_index=self.ignore_index, reduction=reduction, backend=self.backend,
             embedding_grad=self.embedding_grad, chunk_size=self.chunk_size,
+            sample_rate=self.sample_rate if self.training else 1.0, generator=self.generator, on_sample=record,
         )
         return out if return_stats else out.loss
+
+    def keep_unsampled_rows(self, optimizer: torch.optim.Optimizer) -> List[Callable[[], None]]:
+        """`ree.models.ArcFaceHead.keep_unsampled_rows` for this shard (its rows not sampled at
+        the last forward). Returns the hooks' `remove` callables."""
+        return keep_unsampled_rows(self, optimizer, lambda: self.sampled_classes,
+                                   lambda classes: classes - self.class_start)
 
     def get_extra_state(self) -> Dict[str, int]:
         return {"num_classes": self.num_classes, "class_start": self.class_start, "class_stop": self.class_stop}

@@ -13,6 +13,7 @@ from .. import reference
 from ..backends import FLOAT_DTYPES, kernel_op
 from ..head import refuse_double_backward
 from ..reference import IGNORE_INDEX, MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
+from ..sampling import num_sampled, sample_classes
 from .checks import EMBEDDING_GRADS, SHARED_FIELDS, agree, check_local, device_of
 from .group import Group
 
@@ -23,14 +24,17 @@ _NO_INDEX = torch.iinfo(torch.int64).max
 # --------------------------------------------------------------------------------------------
 
 def _reference_head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                            chunk_size, grad_filter_eps) -> HeadRows:
+                            chunk_size, grad_filter_eps, ui_center=None, ri_form="product",
+                            class_index=None) -> HeadRows:
     """`head_forward` (ree_kernels/head.py) in eager PyTorch."""
+    if class_index is not None:
+        prototypes = prototypes.index_select(0, class_index)
     return reference.arcface_rows(embeddings, prototypes, labels, scale=scale, margin=margin,
                                   margin_mode=margin_mode, ignore_index=ignore_index)
 
 
 def _reference_head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
-                             chunk_size, grad_filter_eps) -> Tuple[torch.Tensor, torch.Tensor]:
+                             chunk_size, grad_filter_eps, class_index=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """`head_backward` in eager PyTorch, by autograd of the reference's logits.
 
     It exists beside the reference because the kernel contract takes the softmax against a given
@@ -39,6 +43,8 @@ def _reference_head_backward(embeddings, prototypes, labels, lse, row_grad, scal
     L_i − s·φ_i; on this shard its gradient is exp(ℓ_i − L_i)·∂ℓ_i − s·∂φ_i (the second term only
     where the label lives here), with ℓ_i the log-sum-exp of the shard's logits: the shard's
     share of the global softmax times the gradient of its own log-sum-exp."""
+    if class_index is not None:
+        prototypes = prototypes.index_select(0, class_index)
     with torch.enable_grad():
         emb = embeddings.detach().requires_grad_(True)
         protos = prototypes.detach().requires_grad_(True)
@@ -78,6 +84,7 @@ class _ShardPass(NamedTuple):
     grad_filter_eps: float
     reduction: str
     embedding_grad: str
+    class_index: Optional[torch.Tensor]  # this shard's sampled classes (local ids), or None
 
 
 def _combine(p: _ShardPass, local: HeadRows) -> Tuple[torch.Tensor, ...]:
@@ -99,7 +106,10 @@ def _combine(p: _ShardPass, local: HeadRows) -> Tuple[torch.Tensor, ...]:
     lse = lse_max + torch.log(exp_sum)
 
     is_nearest = has_negative & (cos_neg_local == cos_neg)
-    neg_index = torch.where(is_nearest, local.neg_index + p.start, _NO_INDEX)
+    local_index = local.neg_index
+    if p.class_index is not None:  # a position in the sampled set
+        local_index = p.class_index[local_index.clamp_min(0)]
+    neg_index = torch.where(is_nearest, local_index + p.start, _NO_INDEX)
     p.group.all_reduce(neg_index, dist.ReduceOp.MIN)  # ties between shards: the lowest global index
     cos_neg = torch.where(cos_neg == -math.inf, -1.0, cos_neg)  # C = 1: no negative anywhere
     neg_index = torch.where(neg_index == _NO_INDEX, -1, neg_index)  # that, or NaN cosines
@@ -121,8 +131,9 @@ class _ShardedRows(torch.autograd.Function):
         # The local pass computes in the inputs' dtype, as the kernel ops do under autocast too, so
         # that the eager backward recomputes exactly the forward's logits.
         with torch.autocast(gathered.device.type, enabled=False):
+            extra = () if p.class_index is None else (None, "product", p.class_index)
             outputs = p.forward_op(gathered, shard.contiguous(), p.local_labels, p.scale, p.margin,
-                                   p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps)
+                                   p.margin_mode, p.local_ignore, p.chunk_size, p.grad_filter_eps, *extra)
             # The RI needs the global statistics: cos_ui and ri (the kernels' last outputs) come after the combine.
             local = HeadRows(*outputs[:len(HeadRows._fields)])
         loss_rows, cos_pos, cos_neg, neg_index, lse = _combine(p, local)
@@ -143,9 +154,12 @@ class _ShardedRows(torch.autograd.Function):
         if p.reduction == "none":  # each rank's gradients sit on its own rows only
             row_grad = p.group.all_reduce(row_grad.clone(), dist.ReduceOp.SUM)
         with torch.autocast(gathered.device.type, enabled=False):
+            extra = () if p.class_index is None else (p.class_index,)
             grad_all, grad_shard = p.backward_op(gathered, shard.contiguous(), p.local_labels, lse, row_grad,
                                                  p.scale, p.margin, p.margin_mode, p.chunk_size,
-                                                 p.grad_filter_eps)
+                                                 p.grad_filter_eps, *extra)
+        if p.class_index is not None:  # [C', D] -> the shard's [C_r, D], exactly 0 off the sampled rows
+            grad_shard = grad_shard.new_zeros(shard.shape).index_copy_(0, p.class_index, grad_shard)
         grad_mine = p.group.reduce_scatter(grad_all.reshape(p.group.world, p.max_batch, -1))[: ctx.batch]
         if p.embedding_grad == "ddp":
             grad_mine = grad_mine * p.group.world
@@ -171,6 +185,9 @@ def sharded_arcface_head(
     embedding_grad: str = "ddp",
     chunk_size: int = 0,
     grad_filter_eps: float = 0.0,
+    sample_rate: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    on_sample: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> HeadOutput:
     """`arcface_head` over the global batch of `process_group`, with the prototypes sharded by class.
 
@@ -185,6 +202,12 @@ def sharded_arcface_head(
             lone process when torch.distributed is not initialised).
         embedding_grad: "ddp" (default) or "exact": the gradient convention of the package
             docstring; it scales the embedding gradient only.
+        sample_rate: PartialFC's class sampling (r < 1): each shard runs over its classes among
+            the global batch's labels plus uniformly drawn others of its own, ⌈r·C_r⌉ in all
+            (`ree_kernels.sample_classes`); the other prototypes of the shard get an exactly
+            zero gradient. Needs a negative ignore_index. 1: every class.
+        generator: the random source of this rank's draw, or None for torch's default one.
+        on_sample: called with the shard's sampled classes ([C'] global ids, ascending) at each draw.
         The other options are those of `arcface_head`, and must agree across ranks.
 
     Returns:
@@ -210,6 +233,9 @@ def sharded_arcface_head(
     try:
         start, stop, chosen, chunk_size, label_summary = check_local(
             group, embeddings, prototype_shard, labels, ui_center, sample_weight, **options)
+        num_sampled(num_classes, sample_rate)  # checks the rate
+        if sample_rate < 1.0 and ignore_index >= 0:
+            raise ValueError(f"sample_rate < 1 needs a negative ignore_index, got {ignore_index}")
         shared = [embeddings.shape[0], num_classes, embeddings.shape[1], FLOAT_DTYPES.index(embeddings.dtype),
                   scale, margin, MARGIN_MODES.index(margin_mode), ignore_index, REDUCTIONS.index(reduction),
                   sample_weight is not None, EMBEDDING_GRADS.index(embedding_grad)]
@@ -229,12 +255,21 @@ def sharded_arcface_head(
     owned = (labels_all >= start) & (labels_all < stop) & ~ignored
     local_ignore = ignore_index if ignore_index < 0 else -1  # never a local class id
     forward_op, backward_op = _local_ops(chosen)
+    local_labels = torch.where(owned, labels_all - start, local_ignore)
+    class_index = None
+    if sample_rate < 1.0:
+        # This shard's classes among the global batch's labels, and its own uniform others.
+        class_index, local_labels = sample_classes(local_labels, stop - start, sample_rate, ignore_index=local_ignore,
+                                                   generator=generator)
+        if on_sample is not None:
+            on_sample(class_index + start)
     shard_pass = _ShardPass(
         group=group, max_batch=max_batch, start=start,
-        local_labels=torch.where(owned, labels_all - start, local_ignore), owned=owned, ignored=ignored,
+        local_labels=local_labels, owned=owned, ignored=ignored,
         forward_op=forward_op, backward_op=backward_op, scale=float(scale), margin=float(margin),
         margin_mode=margin_mode, local_ignore=local_ignore, chunk_size=chunk_size,
         grad_filter_eps=float(grad_filter_eps), reduction=reduction, embedding_grad=embedding_grad,
+        class_index=class_index,
     )
     loss_rows, cos_pos, cos_neg, neg_index, lse = _ShardedRows.apply(embeddings, prototype_shard, shard_pass)
 

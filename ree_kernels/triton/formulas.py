@@ -122,15 +122,24 @@ def to_input_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def prototype_offsets(index_ptr, cols, col_ok, D, HAS_INDEX: tl.constexpr):
+    """Where the prototype of each column starts (int64 element offsets): row index[col] with a
+    class index (PartialFC sampling: the rows are read through it, never copied), else row col."""
+    if HAS_INDEX:
+        return tl.load(index_ptr + cols, mask=col_ok, other=0).to(tl.int64) * D
+    return cols.to(tl.int64) * D
+
+
+@triton.jit
+def cosine_numerators(e_ptr, w_ptr, index_ptr, rows, row_ok, cols, col_ok, D,
+                      PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_INDEX: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """e_i · w_j for a [BLOCK_B, BLOCK_C] tile, inputs in their dtype, float32 accumulation.
     The forward and both backward kernels take their cosines from here, with the same BLOCK_K
     where they must agree bit for bit (tiling.py)."""
     acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
     e_rows = rows.to(tl.int64) * D
-    w_rows = cols.to(tl.int64) * D
+    w_rows = prototype_offsets(index_ptr, cols, col_ok, D, HAS_INDEX)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < D
@@ -141,8 +150,8 @@ def cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
 
 
 @triton.jit
-def label_cosine(e_ptr, w_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target, D,
-                 BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def label_cosine(e_ptr, w_ptr, index_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target, D,
+                 HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """(clamped cosine, 1 − cosine²) to the label's prototype, for rows with a target (0, 1
     elsewhere); e_sq are the rows' squared norms. φ has a square-root singularity at cos = ±1,
     where the planted peaky rows sit: 1 − cos² from a rounded cosine is off by ~1e-7 in float32
@@ -152,7 +161,7 @@ def label_cosine(e_ptr, w_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target,
     take = row_ok & has_target
     e_rows = rows.to(tl.int64) * D
     label_rows = tl.where(take, labels, 0)  # never an out-of-range address
-    w_rows = label_rows.to(tl.int64) * D
+    w_rows = prototype_offsets(index_ptr, label_rows, take, D, HAS_INDEX)
     w_sq = tl.load(w_sq_ptr + label_rows, mask=take, other=1.0)
     inv_e = inverse_norm(e_sq)
     inv_w = inverse_norm(w_sq)

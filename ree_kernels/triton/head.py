@@ -69,15 +69,30 @@ def _ui_direction(ui_center: Optional[torch.Tensor], embeddings: torch.Tensor) -
     return ui_center.to(torch.float32).contiguous()
 
 
+def _class_index(class_index: Optional[torch.Tensor], prototypes: torch.Tensor) -> Optional[torch.Tensor]:
+    """The class index as the kernels read it (int64, contiguous), checked as far as the op can
+    without reading the data (`validation.validate_class_index` checks the values)."""
+    if class_index is None:
+        return None
+    if class_index.dtype != torch.int64 or class_index.dim() != 1 or class_index.shape[0] == 0:
+        raise ValueError(f"class_index must be a non-empty int64 [C'], got {class_index.dtype} of shape "
+                         f"{tuple(class_index.shape)}")
+    if class_index.device != prototypes.device:
+        raise ValueError(f"class_index is on {class_index.device} but prototypes is on {prototypes.device}")
+    return class_index.contiguous()
+
+
 def _squared_norms(x: torch.Tensor, ui: Optional[torch.Tensor] = None,
-                   cos_ui: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """‖x_r‖² in float32; with `ui`, also the rows' cosines to it, written into `cos_ui`."""
-    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+                   cos_ui: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖x_r‖² in float32 (of rows index[r] with an index); with `ui`, also the rows' cosines to
+    it, written into `cos_ui`."""
+    rows = x.shape[0] if index is None else index.shape[0]
+    out = torch.empty(rows, dtype=torch.float32, device=x.device)
     block_k = min(triton.next_power_of_2(x.shape[1]), 128)
     has_ui = ui is not None
-    norms_kernel[(triton.cdiv(x.shape[0], 64),)](
-        x, out, x.shape[0], x.shape[1], ui if has_ui else out, cos_ui if has_ui else out,
-        HAS_UI=has_ui, BLOCK_R=64, BLOCK_K=block_k, **_FUSION)
+    norms_kernel[(triton.cdiv(rows, 64),)](
+        x, out if index is None else index, out, rows, x.shape[1], ui if has_ui else out, cos_ui if has_ui else out,
+        HAS_UI=has_ui, HAS_INDEX=index is not None, BLOCK_R=64, BLOCK_K=block_k, **_FUSION)
     return out
 
 
@@ -100,23 +115,25 @@ def margin_args(margin: float, margin_mode: str) -> Dict[str, float]:
 def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, scale: float,
                  margin: float, margin_mode: str, ignore_index: int, chunk_size: int = 0,
                  num_splits: Optional[int] = None, ui_center: Optional[torch.Tensor] = None,
-                 ri_form: str = "product") -> Tuple[torch.Tensor, ...]:
+                 ri_form: str = "product", class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """The forward of the op: (loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri).
     `num_splits` overrides how many class splits run side by side (None: from the
     multiprocessor count)."""
     _check_inputs(embeddings, prototypes, labels)
+    index = _class_index(class_index, prototypes)
     class_tile = tiling.class_tile_override(chunk_size)
     margin_kw = margin_args(float(margin), margin_mode)
     if ri_form not in RI_FORM_IDS:
         raise ValueError(f"ri_form must be one of {reference.RI_FORMS}, got {ri_form!r}")
     ui = _ui_direction(ui_center, embeddings)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
-    (batch, dim), classes = e.shape, w.shape[0]
+    (batch, dim), classes = e.shape, w.shape[0] if index is None else index.shape[0]
     device = e.device
     loss, cos_pos, cos_neg, lse, cos_ui, ri = (torch.empty(batch, dtype=torch.float32, device=device)
                                                for _ in range(6))
     neg_index = torch.empty(batch, dtype=torch.int64, device=device)
-    e_sq, w_sq = _squared_norms(e, ui, cos_ui), _squared_norms(w)
+    e_sq, w_sq = _squared_norms(e, ui, cos_ui), _squared_norms(w, index=index)
+    index_arg = dict(index_ptr=w_sq if index is None else index, HAS_INDEX=index is not None)
 
     configs = tiling.forward_configs(dim, class_tile, e.dtype)
     align = max(c["BLOCK_C"] for c in configs)
@@ -125,15 +142,15 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     part_max, part_sum, part_best = (torch.empty(splits, batch, dtype=torch.float32, device=device) for _ in range(3))
     part_index = torch.empty(splits, batch, dtype=torch.int64, device=device)
     tiling.launch(forward_tiles_kernel, lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), splits), configs,
-                  e_ptr=e, w_ptr=w, labels_ptr=labels, e_sq_ptr=e_sq, w_sq_ptr=w_sq,
+                  e_ptr=e, w_ptr=w, labels_ptr=labels, e_sq_ptr=e_sq, w_sq_ptr=w_sq, **index_arg,
                   part_max_ptr=part_max, part_sum_ptr=part_sum, part_best_ptr=part_best, part_index_ptr=part_index,
                   B=batch, C=classes, D=dim, ignore_index=ignore_index, split_size=split_size, scale=scale,
                   PRECISION=tiling.precision(e.dtype), UPCAST=tiling.upcast(e.dtype), **_NO_FUSION)
 
     forward_finish_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
-        e, w, labels, e_sq, w_sq, part_max, part_sum, part_best, part_index, splits,
+        e, w, index_arg["index_ptr"], labels, e_sq, w_sq, part_max, part_sum, part_best, part_index, splits,
         loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri, batch, classes, dim, ignore_index, scale,
-        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], BLOCK_B=tiling.ROW_BLOCK,
+        HAS_UI=ui is not None, RI_FORM=RI_FORM_IDS[ri_form], HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK,
         BLOCK_K=min(triton.next_power_of_2(dim), tiling.ROW_BLOCK_K), **margin_kw, **_NO_FUSION)
     return loss, cos_pos, cos_neg, neg_index, lse, cos_ui, ri
 
@@ -141,10 +158,13 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
 def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                    row_grad: torch.Tensor, scale: float, margin: float, margin_mode: str, chunk_size: int = 0,
                    grad_filter_eps: float = 0.0, num_splits: Optional[int] = None,
-                   tiles_needed: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   tiles_needed: Optional[List[torch.Tensor]] = None,
+                   class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The backward of the op. `num_splits` as in `forward_rows`; with the filter on, the
-    per-tile keep/skip flags are appended to `tiles_needed` when a list is given (tests)."""
+    per-tile keep/skip flags are appended to `tiles_needed` when a list is given (tests). With
+    `class_index`, grad_prototypes is [C', D] (the op's contract)."""
     _check_inputs(embeddings, prototypes, labels)
+    index = _class_index(class_index, prototypes)
     class_tile = tiling.class_tile_override(chunk_size)
     if not 0.0 <= grad_filter_eps < 1.0:
         raise ValueError(f"grad_filter_eps must be in [0, 1), got {grad_filter_eps}")
@@ -157,16 +177,17 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
         shift = _float16_headroom(row_grad, scale)
         row_grad = row_grad / shift
     row_grad = row_grad.contiguous()
-    (batch, dim), classes = e.shape, w.shape[0]
+    (batch, dim), classes = e.shape, w.shape[0] if index is None else index.shape[0]
     device = e.device
-    e_sq, w_sq = _squared_norms(e), _squared_norms(w)
+    e_sq, w_sq = _squared_norms(e), _squared_norms(w, index=index)
+    index_arg = dict(index_ptr=w_sq if index is None else index, HAS_INDEX=index is not None)
 
     label_grad = torch.empty(batch, dtype=torch.float32, device=device)
     row_mass = torch.empty(batch, dtype=torch.float32, device=device)
     backward_rows_kernel[(triton.cdiv(batch, tiling.ROW_BLOCK),)](
-        e, w, labels, e_sq, w_sq, lse, row_grad, label_grad, row_mass, batch, classes, dim, scale,
-        BLOCK_B=tiling.ROW_BLOCK, BLOCK_K=min(triton.next_power_of_2(dim), tiling.ROW_BLOCK_K), **margin_kw,
-        **_NO_FUSION)
+        e, w, index_arg["index_ptr"], labels, e_sq, w_sq, lse, row_grad, label_grad, row_mass, batch, classes, dim,
+        scale, HAS_INDEX=index is not None, BLOCK_B=tiling.ROW_BLOCK,
+        BLOCK_K=min(triton.next_power_of_2(dim), tiling.ROW_BLOCK_K), **margin_kw, **_NO_FUSION)
 
     filtered = grad_filter_eps > 0.0
     # The filter skips a tile only if all its rows are certain there: grouping the rows by their
@@ -185,7 +206,7 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     else:
         num_col_tiles = 0
         needed = torch.empty(1, dtype=torch.int8, device=device)
-    common = dict(e_ptr=e, w_ptr=w, labels_ptr=labels, e_sq_ptr=e_sq, w_sq_ptr=w_sq, lse_ptr=lse,
+    common = dict(e_ptr=e, w_ptr=w, **index_arg, labels_ptr=labels, e_sq_ptr=e_sq, w_sq_ptr=w_sq, lse_ptr=lse,
                   row_grad_ptr=row_grad, label_grad_ptr=label_grad, row_mass_ptr=row_mass, order_ptr=order,
                   needed_ptr=needed, B=batch, C=classes, D=dim, num_col_tiles=num_col_tiles, scale=scale,
                   # head_backward.dot_operands: where 1/‖x‖ goes.
@@ -196,7 +217,7 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
     tiling.launch(grad_embeddings_kernel,
                   lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(dim, meta["BLOCK_DO"]), splits),
                   configs, partial_ptr=partial, split_size=split_size, filter_eps=grad_filter_eps, **common)
-    grad_w = torch.empty_like(w)
+    grad_w = torch.empty(classes, dim, dtype=w.dtype, device=device)  # by column: [C', D] with an index
     tiling.launch(grad_prototypes_kernel,
                   lambda meta: (triton.cdiv(classes, meta["BLOCK_C"]), triton.cdiv(dim, meta["BLOCK_DO"])),
                   configs, grad_w_ptr=grad_w, **common)
@@ -216,20 +237,22 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
 def head_forward(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, scale: float,
                  margin: float, margin_mode: str, ignore_index: int, chunk_size: int, grad_filter_eps: float,
                  ui_center: Optional[torch.Tensor] = None, ri_form: str = "product",
+                 class_index: Optional[torch.Tensor] = None,
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor]:
     """(loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri); `grad_filter_eps` acts in the backward."""
     return forward_rows(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index, chunk_size,
-                        ui_center=ui_center, ri_form=ri_form)
+                        ui_center=ui_center, ri_form=ri_form, class_index=class_index)
 
 
 @torch.library.custom_op("ree::triton_head_backward", mutates_args=())
 def head_backward(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                   row_grad: torch.Tensor, scale: float, margin: float, margin_mode: str, chunk_size: int,
-                  grad_filter_eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                  grad_filter_eps: float, class_index: Optional[torch.Tensor] = None,
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(∂/∂embeddings, ∂/∂prototypes) of Σ row_grad_i·loss_i, given the saved lse."""
     return backward_grads(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
-                          chunk_size, grad_filter_eps)
+                          chunk_size, grad_filter_eps, class_index=class_index)
 
 
 register_head_ops("triton_")

@@ -25,16 +25,17 @@ from .formulas import (
     label_cosine,
     margin_logit,
     norm_clamped,
+    prototype_offsets,
     row_targets,
     to_input_dtype,
 )
 
 
 @triton.jit
-def backward_rows_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
+def backward_rows_kernel(e_ptr, w_ptr, index_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
                          label_grad_ptr, row_mass_ptr,
                          B, C, D, scale, margin, cos_m, sin_m, threshold, fallback,
-                         MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                         MODE: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """The label column of G per row: g·s·φ′(c_y)·(p_y − 1), p_y = exp(s·φ(c_y) − lse). A label
     outside [0, C) has no target term. For the gradient filter, the row's off-label mass
     |p_y − 1| = Σ_{j≠y} p_j, which bounds every |softmax − one-hot| of the row (1 for a row
@@ -44,8 +45,8 @@ def backward_rows_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, 
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     has_target, _ = row_targets(labels, C, NO_IGNORE_INDEX)
     e_sq = tl.load(e_sq_ptr + rows, mask=row_ok, other=1.0)
-    cos_label, sin_squared = label_cosine(e_ptr, w_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target, D,
-                                          BLOCK_B, BLOCK_K)
+    cos_label, sin_squared = label_cosine(e_ptr, w_ptr, index_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target,
+                                          D, HAS_INDEX, BLOCK_B, BLOCK_K)
     phi, dphi = margin_logit(cos_label, sin_squared, margin, cos_m, sin_m, threshold, fallback, MODE)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     row_grad = tl.load(row_grad_ptr + rows, mask=row_ok, other=0.0)
@@ -106,11 +107,11 @@ def dot_operands(grad, x, x_scale, grad_scale, dtype: tl.constexpr, NORMALIZE_OP
 
 
 @triton.jit
-def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
+def grad_embeddings_kernel(e_ptr, w_ptr, index_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
                            label_grad_ptr, row_mass_ptr, order_ptr, partial_ptr, needed_ptr,
                            B, C, D, split_size, num_col_tiles, scale, filter_eps,
                            FILTER: tl.constexpr, NORMALIZE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                           UPCAST: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """Per (row block, D block, split): the split's share of ∂L/∂e (float32), with the
     normalisation's backward: inv_e·(Σ_j G_ij ŵ_j − ê_i·Σ_j G_ij cos_ij), or inv_e·Σ_j G_ij ŵ_j
@@ -135,8 +136,8 @@ def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < c_end
-        raw = cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
-                                PRECISION, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
+        raw = cosine_numerators(e_ptr, w_ptr, index_ptr, rows, row_ok, cols, col_ok, D,
+                                PRECISION, UPCAST, HAS_INDEX, BLOCK_B, BLOCK_C, BLOCK_K)
         inv_w = inverse_norm(tl.load(w_sq_ptr + cols, mask=col_ok, other=1.0))
         grad, cos_raw, error = tile_gradient(raw, inv_e, inv_w, cols, col_ok, target, lse,
                                              row_grad_scaled, label_grad, row_mass, scale)
@@ -148,8 +149,8 @@ def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             needed = True
         if needed:
             along += tl.sum(grad * cos_raw, axis=1)
-            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + d_out[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            w_rows = prototype_offsets(index_ptr, cols, col_ok, D, HAS_INDEX)
+            w = tl.load(w_ptr + w_rows[:, None] + d_out[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             grad_in, w = dot_operands(grad, w, inv_w[:, None], inv_w[None, :], dtype, NORMALIZE_OPERAND)
             acc = tl.dot(dot_operand(grad_in, UPCAST), dot_operand(w, UPCAST), acc, input_precision=PRECISION)
 
@@ -162,11 +163,11 @@ def grad_embeddings_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
 
 
 @triton.jit
-def grad_prototypes_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
+def grad_prototypes_kernel(e_ptr, w_ptr, index_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr, row_grad_ptr,
                            label_grad_ptr, row_mass_ptr, order_ptr, grad_w_ptr, needed_ptr,
                            B, C, D, num_col_tiles, scale,
                            FILTER: tl.constexpr, NORMALIZE_OPERAND: tl.constexpr, PRECISION: tl.constexpr,
-                           UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                           UPCAST: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
                            BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """Per (class block, D block), over all row blocks in order: ∂L/∂w in the input dtype,
     inv_w·(Σ_i G_ij ê_i − ŵ_j·Σ_i G_ij cos_ij) (plain scaling where the norm of w_j is clamped).
@@ -197,8 +198,8 @@ def grad_prototypes_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             target, e_sq, lse, row_grad_scaled, label_grad, row_mass = gradient_rows(
                 labels_ptr, e_sq_ptr, lse_ptr, row_grad_ptr, label_grad_ptr, row_mass_ptr, rows, row_ok, C, scale)
             inv_e = inverse_norm(e_sq)
-            raw = cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
-                                    PRECISION, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
+            raw = cosine_numerators(e_ptr, w_ptr, index_ptr, rows, row_ok, cols, col_ok, D,
+                                    PRECISION, UPCAST, HAS_INDEX, BLOCK_B, BLOCK_C, BLOCK_K)
             grad, cos_raw, _ = tile_gradient(raw, inv_e, inv_w, cols, col_ok, target, lse,
                                              row_grad_scaled, label_grad, row_mass, scale)
             along += tl.sum(grad * cos_raw, axis=0)
@@ -208,7 +209,8 @@ def grad_prototypes_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr, lse_ptr
             acc = tl.dot(dot_operand(tl.trans(grad_in), UPCAST), dot_operand(e, UPCAST), acc,
                          input_precision=PRECISION)
 
-    w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * D + d_out[None, :], mask=col_ok[:, None] & d_ok[None, :],
+    w_rows = prototype_offsets(index_ptr, cols, col_ok, D, HAS_INDEX)
+    w = tl.load(w_ptr + w_rows[:, None] + d_out[None, :], mask=col_ok[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)
     projected = acc - (w * inv_w[:, None]) * along[:, None]
     grad_w = inv_w[:, None] * tl.where(norm_clamped(w_sq)[:, None], acc, projected)

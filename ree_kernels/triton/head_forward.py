@@ -20,19 +20,20 @@ from .formulas import (
     inverse_norm,
     label_cosine,
     margin_logit,
+    prototype_offsets,
     recognizability_index,
     row_targets,
 )
 
 
 @triton.jit
-def norms_kernel(x_ptr, sq_ptr, n_rows, D, ui_ptr, cos_ui_ptr,
-                 HAS_UI: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def norms_kernel(x_ptr, index_ptr, sq_ptr, n_rows, D, ui_ptr, cos_ui_ptr,
+                 HAS_UI: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """‖x_r‖² (float32) and, with HAS_UI, cos_ui_r = clamp((x_r·ū)·inverse_norm(‖x_r‖²)·
     inverse_norm(‖ū‖²)): the normalisation pre-pass, one sweep over the rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    base = rows.to(tl.int64) * D
+    base = prototype_offsets(index_ptr, rows, row_ok, D, HAS_INDEX)
     squares = tl.zeros((BLOCK_R,), tl.float32)
     along = tl.zeros((BLOCK_R,), tl.float32)
     ui_squares = tl.zeros((BLOCK_K,), tl.float32)
@@ -52,10 +53,10 @@ def norms_kernel(x_ptr, sq_ptr, n_rows, D, ui_ptr, cos_ui_ptr,
 
 
 @triton.jit
-def forward_tiles_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
+def forward_tiles_kernel(e_ptr, w_ptr, index_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
                          part_max_ptr, part_sum_ptr, part_best_ptr, part_index_ptr,
                          B, C, D, ignore_index, split_size, scale,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_INDEX: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per row and split: the largest logit m, Σ exp(logit − m) and the nearest candidate
     (cosine, lowest index), all over the split's columns except the row's label. A logit is s·cos
@@ -77,8 +78,8 @@ def forward_tiles_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
     for c0 in range(c_begin, c_end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < c_end
-        raw = cosine_numerators(e_ptr, w_ptr, rows, row_ok, cols, col_ok, D,
-                                PRECISION, UPCAST, BLOCK_B, BLOCK_C, BLOCK_K)
+        raw = cosine_numerators(e_ptr, w_ptr, index_ptr, rows, row_ok, cols, col_ok, D,
+                                PRECISION, UPCAST, HAS_INDEX, BLOCK_B, BLOCK_C, BLOCK_K)
         inv_w = inverse_norm(tl.load(w_sq_ptr + cols, mask=col_ok, other=1.0))
         cos = clamp_cosine(raw * inv_e[:, None] * inv_w[None, :])
         excluded = (cols[None, :] == target[:, None]) | ~col_ok[None, :]
@@ -105,11 +106,11 @@ def forward_tiles_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
 
 
 @triton.jit
-def forward_finish_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
+def forward_finish_kernel(e_ptr, w_ptr, index_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
                           part_max_ptr, part_sum_ptr, part_best_ptr, part_index_ptr, num_splits,
                           loss_ptr, cos_pos_ptr, cos_neg_ptr, neg_index_ptr, lse_ptr, cos_ui_ptr, ri_ptr,
                           B, C, D, ignore_index, scale, margin, cos_m, sin_m, threshold, fallback,
-                          MODE: tl.constexpr, HAS_UI: tl.constexpr, RI_FORM: tl.constexpr,
+                          MODE: tl.constexpr, HAS_UI: tl.constexpr, RI_FORM: tl.constexpr, HAS_INDEX: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
     """Combines the splits (in split order), adds the label column with its margin, and
     completes the row with the RI (cos_ui comes from `norms_kernel`, or is NaN without HAS_UI).
@@ -142,8 +143,8 @@ def forward_finish_kernel(e_ptr, w_ptr, labels_ptr, e_sq_ptr, w_sq_ptr,
     negatives_lse = shift + tl.log(run_sum)  # −inf when the label is the only class
 
     e_sq = tl.load(e_sq_ptr + rows, mask=row_ok, other=1.0)
-    cos_label, sin_squared = label_cosine(e_ptr, w_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target, D,
-                                          BLOCK_B, BLOCK_K)
+    cos_label, sin_squared = label_cosine(e_ptr, w_ptr, index_ptr, e_sq, w_sq_ptr, rows, row_ok, labels, has_target,
+                                          D, HAS_INDEX, BLOCK_B, BLOCK_K)
     phi, _ = margin_logit(cos_label, sin_squared, margin, cos_m, sin_m, threshold, fallback, MODE)
     target_logit = scale * phi
     top = tl.maximum(negatives_lse, target_logit, propagate_nan=tl.PropagateNan.ALL)

@@ -1,7 +1,7 @@
 """`ArcFaceHead`: the class prototypes and the fused ArcFace loss, as one module."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -10,6 +10,8 @@ import ree_kernels
 from ree_kernels import HeadOutput
 from ree_kernels.distributed import init_prototypes
 from ree_kernels.reference import IGNORE_INDEX
+from ree_kernels.sampling import keep_unsampled_rows, num_sampled, sample_classes
+from ree_kernels.validation import validate_head_inputs
 
 
 class ArcFaceHead(nn.Module):
@@ -17,20 +19,30 @@ class ArcFaceHead(nn.Module):
     by `ree_kernels.arcface_head` without materialising the B × C logits.
 
     A drop-in for insightface arcface_torch's `PartialFC_V2(CombinedMarginLoss(...))` in a
-    single-process or DDP data-parallel loop (every rank holds all prototypes; no class
-    sampling, so it matches PartialFC with sample_rate=1.0)::
+    single-process or DDP data-parallel loop (every rank holds all prototypes), with PartialFC's
+    class sampling at `sample_rate` < 1::
 
         # insightface
         margin_loss = CombinedMarginLoss(64, 1.0, 0.5, 0.0)
-        module_partial_fc = PartialFC_V2(margin_loss, 512, num_classes, 1.0, False)
+        module_partial_fc = PartialFC_V2(margin_loss, 512, num_classes, 0.1, False)
         # ree
         from ree.models import ArcFaceHead
-        module_partial_fc = ArcFaceHead(512, num_classes, scale=64.0, margin=0.5, margin_mode="arcface_st")
+        module_partial_fc = ArcFaceHead(512, num_classes, scale=64.0, margin=0.5, margin_mode="arcface_st",
+                                        sample_rate=0.1)
 
         opt = torch.optim.SGD([{"params": backbone.parameters()},
                                {"params": module_partial_fc.parameters()}], lr=0.1, momentum=0.9)
         loss = module_partial_fc(backbone(images), labels)  # the same call, a scalar
         loss.backward()
+
+    Class sampling (`sample_rate` r < 1, in training mode; eval mode uses every class): each
+    forward runs the loss over `ree_kernels.sample_classes` of the batch's labels (every labelled
+    class plus uniformly drawn others, ⌈r·C⌉ in all), reading those prototypes through the index;
+    the others get an exactly zero gradient. The optimiser would still move them (weight decay,
+    momentum): arcface_torch's PartialFC_V2 lets it, since it trains the whole weight with a
+    plain SGD. `keep_unsampled_rows(optimizer)` instead leaves them (and their optimiser state)
+    exactly as they were, as the original PartialFC's sparse update did: `ree train` does that.
+    The last step's classes are in `sampled_classes` (None without sampling).
 
     `forward(..., return_stats=True)` returns the whole `HeadOutput` (loss, cos_pos, cos_neg,
     neg_index, cos_ui, ri, lse) instead. The prototypes are cast to the embeddings' dtype, so
@@ -47,6 +59,9 @@ class ArcFaceHead(nn.Module):
             the default "arcface" is the classic insightface form with its fallback.
         ignore_index: labels with this value add no loss (e.g. unlabelled crops).
         backend: passed to the op ("auto": the fastest built kernel for the device).
+        sample_rate: PartialFC's r in (0, 1]; 1 uses every class. Needs a negative ignore_index.
+        generator: the random source of the class draw (on the weight's device), or None for
+            torch's default one.
     """
 
     def __init__(
@@ -61,6 +76,8 @@ class ArcFaceHead(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         backend: str = "auto",
         seed: Optional[int] = None,
+        sample_rate: float = 1.0,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
         for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
@@ -74,6 +91,11 @@ class ArcFaceHead(nn.Module):
             self.weight = nn.Parameter(init_prototypes(num_classes, embedding_size, seed=seed))
         self.scale, self.margin, self.margin_mode = scale, margin, margin_mode
         self.ri_form, self.ignore_index, self.backend = ri_form, ignore_index, backend
+        num_sampled(num_classes, sample_rate)  # checks the rate
+        if sample_rate < 1.0 and ignore_index >= 0:
+            raise ValueError(f"sample_rate < 1 needs a negative ignore_index, got {ignore_index}")
+        self.sample_rate, self.generator = float(sample_rate), generator
+        self.sampled_classes: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -94,13 +116,31 @@ class ArcFaceHead(nn.Module):
             prototypes = self.weight  # the op names the bad argument
         if isinstance(labels, torch.Tensor) and labels.dtype in (torch.int32, torch.int16, torch.uint8):
             labels = labels.long()
+        options = dict(scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
+                       ignore_index=self.ignore_index, reduction=reduction)
+        class_index = None
+        if self.training and self.sample_rate < 1.0:
+            # The labels are checked against all C classes before they are mapped into the set.
+            validate_head_inputs(embeddings, prototypes, labels, ui_center, sample_weight, **options)
+            class_index, labels = sample_classes(labels, self.num_classes, self.sample_rate,
+                                                 ignore_index=self.ignore_index, generator=self.generator)
+        self.sampled_classes = class_index
         out = ree_kernels.arcface_head(
-            embeddings, prototypes, labels, ui_center,
-            scale=self.scale, margin=self.margin, margin_mode=self.margin_mode, ri_form=self.ri_form,
-            sample_weight=sample_weight, ignore_index=self.ignore_index, reduction=reduction,
-            backend=self.backend, differentiable_stats=differentiable_stats,
+            embeddings, prototypes, labels, ui_center, sample_weight=sample_weight, backend=self.backend,
+            differentiable_stats=differentiable_stats, class_index=class_index, **options,
         )
+        if class_index is not None:  # the nearest negative as a class id
+            out = out._replace(neg_index=torch.where(out.neg_index >= 0, class_index[out.neg_index.clamp_min(0)], -1))
         return out if return_stats else out.loss
+
+    def keep_unsampled_rows(self, optimizer: torch.optim.Optimizer) -> List[Callable[[], None]]:
+        """Makes `optimizer.step()` leave the prototypes that the last forward did not sample,
+        and their optimiser state, exactly as they were (`ree_kernels.sampling.keep_unsampled_rows`).
+
+        Returns:
+            The hooks' `remove` callables.
+        """
+        return keep_unsampled_rows(self, optimizer, lambda: self.sampled_classes)
 
     @property
     def num_classes(self) -> int:
@@ -108,4 +148,5 @@ class ArcFaceHead(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, scale={self.scale}, "
-                f"margin={self.margin}, margin_mode={self.margin_mode!r}, backend={self.backend!r}")
+                f"margin={self.margin}, margin_mode={self.margin_mode!r}, backend={self.backend!r}, "
+                f"sample_rate={self.sample_rate}")
