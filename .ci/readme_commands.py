@@ -4,7 +4,7 @@ README's `ree` commands, as written, with a short budget where the README leaves
     python -I .ci/readme_commands.py --readme README.md --bin VENV/bin --workdir DIR --stage base|full
 
 --stage base: the wheel without extras; a command that needs one says which, in one line.
---stage full: after `pip install 'ree-kernels[train,export]'`; every command of the README's
+--stage full: after `pip install 'ree-kernels[train,export,pretrained]'`; every command of the README's
 bash blocks, and every inline `ree <command> --…` of its text, runs and exits 0. A `...` in a
 command is replaced by a short budget (SHORT); `ree demo` gets `--quick`. A README command this
 script does not know fails the check, so that new commands get a budget here.
@@ -53,6 +53,8 @@ def with_budget(command: str) -> str:
     words = shlex.split(command)
     for key, budget in SHORT.items():
         if tuple(words[:len(key)]) == key:
+            if "--init" in words:  # a pretrained backbone fixes the embedding size
+                budget = budget.replace("--embedding-size 16 ", "")
             if command.endswith("..."):
                 return command[:-3] + budget
             return command if "--help" in words else f"{command} {budget}"
