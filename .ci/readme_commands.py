@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--bin", type=Path, required=True, help="the venv's bin folder (its `ree` command)")
     parser.add_argument("--workdir", type=Path, required=True, help="an empty folder outside the source tree")
     parser.add_argument("--stage", choices=("base", "full"), required=True,
-                        help="base: no extras installed; full: the train and export extras installed")
+                        help="base: no extras installed; full: the train, export and pretrained extras installed")
     args = parser.parse_args()
     if os.environ.get("REE_LFW_DIR"):  # CI gives it relative to the repository; the commands run elsewhere
         os.environ["REE_LFW_DIR"] = os.path.abspath(os.environ["REE_LFW_DIR"])
