@@ -67,7 +67,7 @@ class _PrototypeHead(nn.Module, abc.ABC):
         if sample_rate < 1.0 and ignore_index >= 0:
             raise ValueError(f"sample_rate < 1 needs a negative ignore_index, got {ignore_index}")
         self.num_classes = num_classes
-        self.class_start, self.class_stop = self._class_range(num_classes)
+        self.class_start, self.class_stop = self._held_classes(num_classes)
         self.scale, self.margin, self.margin_mode, self.ri_form = scale, margin, margin_mode, ri_form
         self.ignore_index, self.backend, self.chunk_size = ignore_index, backend, chunk_size
         self.weight = nn.Parameter(_initial_prototypes(num_classes, embedding_size,
@@ -105,7 +105,7 @@ class _PrototypeHead(nn.Module, abc.ABC):
                          self.sample_rate if self.training else 1.0)
         return out if return_stats else out.loss
 
-    def _class_range(self, num_classes: int) -> Tuple[int, int]:
+    def _held_classes(self, num_classes: int) -> Tuple[int, int]:
         """The classes [start, stop) whose prototypes this head holds."""
         return 0, num_classes
 
@@ -236,20 +236,21 @@ class ShardedArcFaceHead(_PrototypeHead):
     checkpoints for another world size with `merge_state_dicts` / `shard_state_dict`, or gather the
     full one with `gather_state_dict`. Keep it out of DistributedDataParallel, and read the
     gradient convention (`embedding_grad`: "ddp" or "exact") in the package docstring of
-    ree_kernels.distributed. `differentiable_stats=True` is refused: the statistics' gradients
-    would need more collectives than the sharded pass has.
-    """ + _OPTIONS_DOC + """; the group has more ranks than num_classes
-            (see shard_range); load_state_dict of another class range.
+    ree_kernels.distributed. `differentiable_stats=True` raises ValueError: the sharded pass does
+    not give the statistics' gradients.
+    """ + _OPTIONS_DOC + """;
+            the group has more ranks than num_classes (see shard_range); load_state_dict of
+            another class range.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, process_group: Optional[dist.ProcessGroup] = None,
                  embedding_grad: str = "ddp", **options: Any) -> None:
-        # Plain attributes, set first: _class_range reads the group while the base builds the weight.
+        # Plain attributes, set first: _held_classes reads the group while the base builds the weight.
         self.process_group, self.embedding_grad = process_group, embedding_grad
         super().__init__(embedding_size, num_classes, **options)
         self.register_load_state_dict_pre_hook(_check_range_before_loading)
 
-    def _class_range(self, num_classes: int) -> Tuple[int, int]:
+    def _held_classes(self, num_classes: int) -> Tuple[int, int]:
         group = Group(self.process_group)
         return shard_range(num_classes, group.rank, group.world)
 
