@@ -9,6 +9,7 @@ from PIL import Image
 
 from ree.data import lfw, lfw_splits
 from ree.lfw import protocol
+from training_support import real_lfw
 
 PEOPLE = {"Ann_Lee": 3, "Bo_Chan": 2, "Cy_Dee": 1, "Di_Eve": 2}
 
@@ -185,17 +186,7 @@ def test_view2_folds_train_on_everyone_else(tmp_path):
 
 @pytest.fixture(scope="module")
 def real():
-    path = os.environ.get(lfw.ENV_VAR)
-    try:
-        source = lfw.find_lfw(path) if path else None
-    except lfw.LfwNotFound as err:
-        source, why = None, str(err)
-    else:
-        why = f"set {lfw.ENV_VAR} to the LFW folder (e.g. ../shared/data/lfw) to run the real-data tests"
-    if source is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the LFW tests: {why}")
-        pytest.skip(why)
+    source = real_lfw("LFW", "run the real-data tests")
     cache = os.environ.get("REE_TEST_CACHE", os.path.join("runs", "cache"))
     return source, lfw.load_crops(source, 32, cache_dir=cache)
 
