@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"ree_kernels": ROOT / "ree_kernels", "ree": ROOT / "python" / "ree"}
 FUNCTION_DIRS = ("ree_kernels", "python/ree", "benchmarks", ".ci", "tests")
 MAX_FUNCTION_LINES = 80
