@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..reference import IGNORE_INDEX, HeadOutput
+from ..contract import IGNORE_INDEX, HeadOutput
 from ..sampling import keep_unsampled_rows
 from .group import Group, shard_range
 from .init import init_prototypes

@@ -1,8 +1,8 @@
 """`ree::triton_head_forward` and `ree::triton_head_backward`: the ArcFace head in Triton.
 
 The contract is the one of every head backend (ree_kernels/head.py); the semantics are those
-of `reference.arcface_rows`, completed with `reference.cosine_to_ui` and
-`reference.recognizability_index`. Nothing of size B × C is ever stored: the forward streams
+of `reference.arcface_rows`, completed with `statistics.cosine_to_ui` and
+`statistics.recognizability_index`. Nothing of size B × C is ever stored: the forward streams
 tiles of prototypes past a block of rows (flash-attention style) and keeps per-row running
 values, the backward recomputes the tiles. docs/design.md (`## Triton backend`) explains the
 choices. This module launches the kernels and registers the ops; the kernels are in
@@ -17,18 +17,16 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 
-from .. import reference
-from ..head import register_head_ops
+from ..contract import MARGIN_MODES, RI_FORMS, margin_constants
+from ..registration import register_head_ops
 from . import tiling
 from .head_backward import backward_rows_kernel, grad_embeddings_kernel, grad_prototypes_kernel
 from .head_forward import forward_finish_kernel, forward_tiles_kernel, norms_kernel
 
-MARGIN_MODE_IDS = {mode: k for k, mode in enumerate(reference.MARGIN_MODES)}
-"""margin_mode → the MODE constexpr of the kernels (the order of reference.MARGIN_MODES)."""
-RI_FORM_IDS = {form: k for k, form in enumerate(reference.RI_FORMS)}
-"""ri_form → the RI_FORM constexpr of the kernels (the order of reference.RI_FORMS)."""
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MARGIN_MODE_IDS = {mode: k for k, mode in enumerate(MARGIN_MODES)}
+"""margin_mode → the MODE constexpr of the kernels (the order of contract.MARGIN_MODES)."""
+RI_FORM_IDS = {form: k for k, form in enumerate(RI_FORMS)}
+"""ri_form → the RI_FORM constexpr of the kernels (the order of contract.RI_FORMS)."""
 
 # The head's kernels turn cosines into logits s·cos and subtract a maximum or the lse: they are
 # compiled without FMA contraction, which would fuse the product into the subtraction and round
@@ -41,45 +39,14 @@ _NO_FUSION = dict(enable_fp_fusion=False)
 _FUSION = dict(enable_fp_fusion=True)
 
 
-def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> None:
-    """What the op needs beyond `validate_head_inputs` (which callers of the op may skip)."""
-    if embeddings.dtype not in SUPPORTED_DTYPES or prototypes.dtype != embeddings.dtype:
-        raise TypeError(f"embeddings and prototypes must share one dtype among float32, bfloat16, float16; "
-                        f"got {embeddings.dtype} and {prototypes.dtype}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if embeddings.dim() != 2 or prototypes.dim() != 2 or embeddings.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"embeddings [B, D] and prototypes [C, D] must share D; got {tuple(embeddings.shape)} "
-                         f"and {tuple(prototypes.shape)}")
-    if embeddings.shape[0] == 0 or prototypes.shape[0] == 0 or embeddings.shape[1] == 0:
-        raise ValueError("embeddings and prototypes must be non-empty")
-    if labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({embeddings.shape[0]},)")
+def _ui_direction(ui_center: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """ui_center as the norms kernel reads it: [D] float32 (statistics.cosine_to_ui's ū)."""
+    return None if ui_center is None else ui_center.to(torch.float32).contiguous()
 
 
-def _ui_direction(ui_center: Optional[torch.Tensor], embeddings: torch.Tensor) -> Optional[torch.Tensor]:
-    """ui_center as the norms kernel reads it: [D] float32 (reference.cosine_to_ui's ū)."""
-    if ui_center is None:
-        return None
-    if not ui_center.is_floating_point() or ui_center.shape != embeddings.shape[1:]:
-        raise ValueError(f"ui_center must be a floating [D] tensor with D = {embeddings.shape[1]}, got "
-                         f"{ui_center.dtype} of shape {tuple(ui_center.shape)}")
-    if ui_center.device != embeddings.device:
-        raise ValueError(f"ui_center is on {ui_center.device} but embeddings is on {embeddings.device}")
-    return ui_center.to(torch.float32).contiguous()
-
-
-def _class_index(class_index: Optional[torch.Tensor], prototypes: torch.Tensor) -> Optional[torch.Tensor]:
-    """The class index as the kernels read it (int64, contiguous), checked as far as the op can
-    without reading the data (`validation.validate_class_index` checks the values)."""
-    if class_index is None:
-        return None
-    if class_index.dtype != torch.int64 or class_index.dim() != 1 or class_index.shape[0] == 0:
-        raise ValueError(f"class_index must be a non-empty int64 [C'], got {class_index.dtype} of shape "
-                         f"{tuple(class_index.shape)}")
-    if class_index.device != prototypes.device:
-        raise ValueError(f"class_index is on {class_index.device} but prototypes is on {prototypes.device}")
-    return class_index.contiguous()
+def _class_index(class_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The class index as the kernels read it: contiguous."""
+    return None if class_index is None else class_index.contiguous()
 
 
 def _squared_norms(x: torch.Tensor, ui: Optional[torch.Tensor] = None,
@@ -106,10 +73,8 @@ def _float16_headroom(row_grad: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def margin_args(margin: float, margin_mode: str) -> Dict[str, float]:
-    """The margin's kernel arguments: reference.margin_constants and the MODE constexpr."""
-    if margin_mode not in MARGIN_MODE_IDS:
-        raise ValueError(f"margin_mode must be one of {reference.MARGIN_MODES}, got {margin_mode!r}")
-    return dict(margin=margin, **reference.margin_constants(margin)._asdict(), MODE=MARGIN_MODE_IDS[margin_mode])
+    """The margin's kernel arguments: contract.margin_constants and the MODE constexpr."""
+    return dict(margin=margin, **margin_constants(margin)._asdict(), MODE=MARGIN_MODE_IDS[margin_mode])
 
 
 def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, scale: float,
@@ -118,14 +83,12 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
                  ri_form: str = "product", class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """The forward of the op: (loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri).
     `num_splits` overrides how many class splits run side by side (None: from the
-    multiprocessor count)."""
-    _check_inputs(embeddings, prototypes, labels)
-    index = _class_index(class_index, prototypes)
+    multiprocessor count). The inputs are those `validation.validate_head_inputs` accepts
+    (checked once, by the public op)."""
+    index = _class_index(class_index)
     class_tile = tiling.class_tile_override(chunk_size)
     margin_kw = margin_args(float(margin), margin_mode)
-    if ri_form not in RI_FORM_IDS:
-        raise ValueError(f"ri_form must be one of {reference.RI_FORMS}, got {ri_form!r}")
-    ui = _ui_direction(ui_center, embeddings)
+    ui = _ui_direction(ui_center)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     (batch, dim), classes = e.shape, w.shape[0] if index is None else index.shape[0]
     device = e.device
@@ -162,12 +125,9 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
                    class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The backward of the op. `num_splits` as in `forward_rows`; with the filter on, the
     per-tile keep/skip flags are appended to `tiles_needed` when a list is given (tests). With
-    `class_index`, grad_prototypes is [C', D] (the op's contract)."""
-    _check_inputs(embeddings, prototypes, labels)
-    index = _class_index(class_index, prototypes)
+    `class_index`, grad_prototypes is [C', D] (the op's contract). Inputs as in `forward_rows`."""
+    index = _class_index(class_index)
     class_tile = tiling.class_tile_override(chunk_size)
-    if not 0.0 <= grad_filter_eps < 1.0:
-        raise ValueError(f"grad_filter_eps must be in [0, 1), got {grad_filter_eps}")
     margin_kw = margin_args(float(margin), margin_mode)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     lse = lse.to(torch.float32).contiguous()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ree_kernels.reference import IGNORE_INDEX
+from ree_kernels.contract import IGNORE_INDEX
 
 from ._arrays import int_vector, real_array
 

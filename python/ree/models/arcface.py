@@ -8,8 +8,8 @@ from torch import nn
 
 import ree_kernels
 from ree_kernels import HeadOutput
+from ree_kernels.contract import IGNORE_INDEX
 from ree_kernels.distributed import init_prototypes
-from ree_kernels.reference import IGNORE_INDEX
 from ree_kernels.sampling import keep_unsampled_rows, num_sampled, sample_classes
 from ree_kernels.validation import validate_head_inputs
 
