@@ -101,8 +101,9 @@ def _reference_head(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: 
                     class_index: Optional[torch.Tensor], opts: HeadOptions) -> HeadOutput:
     """The head on backend="reference": the specification, which materialises everything, the
     sampled prototypes included."""
-    return registration.reference_op("arcface_head")(embeddings, _selected(prototypes, class_index), labels, ui_center,
-                                  sample_weight=sample_weight, **opts._asdict())
+    head = registration.reference_op("arcface_head")
+    return head(embeddings, _selected(prototypes, class_index), labels, ui_center, sample_weight=sample_weight,
+                **opts._asdict())
 
 
 def arcface_head(
@@ -144,7 +145,8 @@ def arcface_head(
         the reference differentiates any number of times).
 
     Raises:
-        TypeError: an argument of the wrong type or dtype, an unknown option, or a dtype the backend does not take.
+        TypeError: an argument of the wrong type or dtype, an unknown option, or a dtype the
+            backend does not take.
         ValueError: bad shapes, devices or options, a scalar out of range, a label out of range
             (CPU tensors; on CUDA a device-side assertion, see validate_head_inputs), a
             chunk_size the named backend does not take, grad_filter_eps on a backend without it.
