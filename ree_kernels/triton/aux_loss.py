@@ -1,6 +1,7 @@
 """`ree::triton_aux_forward`: the REE auxiliary losses and their gradients in Triton.
 
-The contract is ree_kernels/aux_loss.py's; the semantics are `reference.ree_aux_loss_reference`, and
+The contract is ree_kernels/aux_loss.py's; the semantics are `reference.ree_aux_loss_reference`,
+and
 csrc/cpu/aux_loss.cpp is the same pass in C++. Two kernels: `_aux_rows_kernel` computes each row's
 three losses and gradients (a program per block of rows, the whole embedding row in
 registers), `_aux_means_kernel` sums the rows in a fixed order (deterministic means).
@@ -56,7 +57,7 @@ def _aux_rows_kernel(pred_ptr, target_ptr, mu_ptr, keep_ptr, kept_ptr, attn_ptr,
     l1, l1_grad = _smooth_l1(pred - target, beta)
     tl.store(l1_ptr + rows, l1, mask=row_ok)
     tl.store(grad_l1_ptr + rows, l1_grad / B, mask=row_ok)
-    # docs/spec.md §1.6 [R], reference.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
+    # docs/spec.md §1.6 [R], statistics.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
     gap = mu + tau - pred
     hinge = tl.maximum(gap, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(id_ptr + rows, tl.where(keep, hinge, 0.0), mask=row_ok)
@@ -117,9 +118,13 @@ def aux_losses(ri_pred: torch.Tensor, ri_target: torch.Tensor, mu_ui: torch.Tens
                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The launcher of `ree::triton_aux_forward` (its body, callable outside the dispatcher):
     (l1, id, mse, ∂l1/∂ri_pred, ∂id/∂ri_pred, ∂mse/∂attn), float32; shapes as in
-    ree_kernels/aux_loss.py, inputs as `validation.validate_aux_inputs` accepts them. Raises
-    ValueError for D > MAX_DIM."""
+    ree_kernels/aux_loss.py. Raises ValueError for attn without embeddings/ui_center, beta <= 0
+    or D > MAX_DIM."""
     has_attn = attn is not None
+    if has_attn and (embeddings is None or ui_center is None):
+        raise ValueError("attn needs embeddings and ui_center")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
     batch = ri_pred.shape[0]
     dim = attn.shape[1] if has_attn else 1
     if dim > MAX_DIM:

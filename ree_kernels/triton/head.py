@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 
+from ..backends import BY_NAME
 from ..contract import MARGIN_MODES, RI_FORMS, margin_constants
 from ..registration import register_head_ops
 from . import tiling
@@ -27,6 +28,8 @@ MARGIN_MODE_IDS = {mode: k for k, mode in enumerate(MARGIN_MODES)}
 """margin_mode → the MODE constexpr of the kernels (the order of contract.MARGIN_MODES)."""
 RI_FORM_IDS = {form: k for k, form in enumerate(RI_FORMS)}
 """ri_form → the RI_FORM constexpr of the kernels (the order of contract.RI_FORMS)."""
+
+SUPPORTED_DTYPES = BY_NAME["triton"].dtypes
 
 # The head's kernels turn cosines into logits s·cos and subtract a maximum or the lse: they are
 # compiled without FMA contraction, which would fuse the product into the subtraction and round
@@ -39,14 +42,46 @@ _NO_FUSION = dict(enable_fp_fusion=False)
 _FUSION = dict(enable_fp_fusion=True)
 
 
-def _ui_direction(ui_center: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> None:
+    """What the op needs beyond `validate_head_inputs` (which callers of the op may skip)."""
+    if embeddings.dtype not in SUPPORTED_DTYPES or prototypes.dtype != embeddings.dtype:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"embeddings and prototypes must share one dtype among {names}; "
+                        f"got {embeddings.dtype} and {prototypes.dtype}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if embeddings.dim() != 2 or prototypes.dim() != 2 or embeddings.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"embeddings [B, D] and prototypes [C, D] must share D; got {tuple(embeddings.shape)} "
+                         f"and {tuple(prototypes.shape)}")
+    if embeddings.shape[0] == 0 or prototypes.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise ValueError("embeddings and prototypes must be non-empty")
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({embeddings.shape[0]},)")
+
+
+def _ui_direction(ui_center: Optional[torch.Tensor], embeddings: torch.Tensor) -> Optional[torch.Tensor]:
     """ui_center as the norms kernel reads it: [D] float32 (statistics.cosine_to_ui's ū)."""
-    return None if ui_center is None else ui_center.to(torch.float32).contiguous()
+    if ui_center is None:
+        return None
+    if not ui_center.is_floating_point() or ui_center.shape != embeddings.shape[1:]:
+        raise ValueError(f"ui_center must be a floating [D] tensor with D = {embeddings.shape[1]}, got "
+                         f"{ui_center.dtype} of shape {tuple(ui_center.shape)}")
+    if ui_center.device != embeddings.device:
+        raise ValueError(f"ui_center is on {ui_center.device} but embeddings is on {embeddings.device}")
+    return ui_center.to(torch.float32).contiguous()
 
 
-def _class_index(class_index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The class index as the kernels read it: contiguous."""
-    return None if class_index is None else class_index.contiguous()
+def _class_index(class_index: Optional[torch.Tensor], prototypes: torch.Tensor) -> Optional[torch.Tensor]:
+    """The class index as the kernels read it (int64, contiguous), checked as far as the op can
+    without reading the data (`validation.validate_class_index` checks the values)."""
+    if class_index is None:
+        return None
+    if class_index.dtype != torch.int64 or class_index.dim() != 1 or class_index.shape[0] == 0:
+        raise ValueError(f"class_index must be a non-empty int64 [C'], got {class_index.dtype} of shape "
+                         f"{tuple(class_index.shape)}")
+    if class_index.device != prototypes.device:
+        raise ValueError(f"class_index is on {class_index.device} but prototypes is on {prototypes.device}")
+    return class_index.contiguous()
 
 
 def _squared_norms(x: torch.Tensor, ui: Optional[torch.Tensor] = None,
@@ -74,6 +109,8 @@ def _float16_headroom(row_grad: torch.Tensor, scale: float) -> torch.Tensor:
 
 def margin_args(margin: float, margin_mode: str) -> Dict[str, float]:
     """The margin's kernel arguments: contract.margin_constants and the MODE constexpr."""
+    if margin_mode not in MARGIN_MODE_IDS:
+        raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
     return dict(margin=margin, **margin_constants(margin)._asdict(), MODE=MARGIN_MODE_IDS[margin_mode])
 
 
@@ -83,12 +120,14 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
                  ri_form: str = "product", class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, ...]:
     """The forward of the op: (loss_rows, cos_pos, cos_neg, neg_index, lse, cos_ui, ri).
     `num_splits` overrides how many class splits run side by side (None: from the
-    multiprocessor count). The inputs are those `validation.validate_head_inputs` accepts
-    (checked once, by the public op)."""
-    index = _class_index(class_index)
+    multiprocessor count)."""
+    _check_inputs(embeddings, prototypes, labels)
+    index = _class_index(class_index, prototypes)
     class_tile = tiling.class_tile_override(chunk_size)
     margin_kw = margin_args(float(margin), margin_mode)
-    ui = _ui_direction(ui_center)
+    if ri_form not in RI_FORM_IDS:
+        raise ValueError(f"ri_form must be one of {RI_FORMS}, got {ri_form!r}")
+    ui = _ui_direction(ui_center, embeddings)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     (batch, dim), classes = e.shape, w.shape[0] if index is None else index.shape[0]
     device = e.device
@@ -125,9 +164,12 @@ def backward_grads(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: t
                    class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The backward of the op. `num_splits` as in `forward_rows`; with the filter on, the
     per-tile keep/skip flags are appended to `tiles_needed` when a list is given (tests). With
-    `class_index`, grad_prototypes is [C', D] (the op's contract). Inputs as in `forward_rows`."""
-    index = _class_index(class_index)
+    `class_index`, grad_prototypes is [C', D] (the op's contract)."""
+    _check_inputs(embeddings, prototypes, labels)
+    index = _class_index(class_index, prototypes)
     class_tile = tiling.class_tile_override(chunk_size)
+    if not 0.0 <= grad_filter_eps < 1.0:
+        raise ValueError(f"grad_filter_eps must be in [0, 1), got {grad_filter_eps}")
     margin_kw = margin_args(float(margin), margin_mode)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     lse = lse.to(torch.float32).contiguous()
