@@ -113,15 +113,9 @@ def arcface_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     return HeadRows(loss, cos_pos, cos_neg.detach(), neg_index, lse.detach())
 
 
-def arcface_head_reference(
-    embeddings: torch.Tensor,
-    prototypes: torch.Tensor,
-    labels: torch.Tensor,
-    ui_center: Optional[torch.Tensor] = None,
-    *,
-    sample_weight: Optional[torch.Tensor] = None,
-    **options: Any,
-) -> HeadOutput:
+def arcface_head_reference(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
+                           ui_center: Optional[torch.Tensor] = None, *, sample_weight: Optional[torch.Tensor] = None,
+                           **options: Any) -> HeadOutput:
     """The ArcFace head with the REE statistics (docs/spec.md §2), eagerly: `ree_kernels.arcface_head`
     with backend="reference" validates and then calls this. `options`: the keywords of
     `contract.HeadOptions` (the kernel ones are ignored). No input validation."""
