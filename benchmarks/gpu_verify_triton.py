@@ -210,12 +210,12 @@ class Sweep:
 
 
 def _launch_everything(sweep: Sweep, case: List[str]) -> None:
-    from ree_kernels import reference
+    from ree_kernels import contract
     from ree_kernels.triton import aux_loss, head, tiling
 
     meta = torch.device("meta")
     chunk_sizes = sweep.chunk_sizes or (0, tiling.MIN_TILE, tiling.MAX_TILE)
-    forms = list(zip(reference.MARGIN_MODES, reference.RI_FORMS))
+    forms = list(zip(contract.MARGIN_MODES, contract.RI_FORMS))
     for batch, classes, dim in sweep.shapes:
         for name in sweep.dtypes:
             dtype = DTYPES[name]

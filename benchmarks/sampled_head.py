@@ -31,7 +31,7 @@ from typing import Callable, Dict
 import torch
 
 import ree_kernels
-from ree_kernels import reference, sample_classes
+from ree_kernels import contract, sample_classes
 from ree_kernels.backends import kernel_op
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         d = sample_classes(labels, args.classes, args.rate, ignore_index=-100, generator=g)
         step(emb, weight, d.labels, class_index=d.class_index)
 
-    coef = reference.loss_coefficients(draw.labels, None, -100, "mean", torch.float32)
+    coef = contract.loss_coefficients(draw.labels, None, -100, "mean", torch.float32)
 
     def sampled_op() -> None:
         with torch.no_grad():

@@ -4,9 +4,9 @@ Every kernel backend implements one op (schema in csrc/ops.cpp; Triton's is `tri
 `aux_forward(ri_pred, ri_target, mu_ui, attn?, embeddings?, ui_center?, recognizable?, tau,
 beta) -> (l1, id, mse, grad_ri_l1, grad_ri_id, grad_attn_mse)`. It computes the three losses and
 their gradients in the same pass over the rows (they are cheap and elementwise), so the
-backward is only the chain rule below; the weighted total is formed here, for every backend.
+backward (`registration.register_aux_op`) is only the chain rule; the weighted total is formed here, for every backend.
 That backward multiplies saved gradients, so it cannot be differentiated again: with
-create_graph=True it raises (`head.refuse_double_backward`) instead of returning a gradient that
+create_graph=True it raises (`registration.refuse_double_backward`) instead of returning a gradient that
 silently misses the second derivative.
 """
 from __future__ import annotations
@@ -15,53 +15,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import functorch, reference
-from .backends import CUDA_EMULATED, CUDA_EMULATION_PREFIX, EXTENSION_ERROR, kernel_op, resolve_backend
-from .head import refuse_double_backward
-from .reference import AuxOutput, stat_dtype
+from . import registration
+from .backends import kernel_op, resolve_backend
+from .contract import AuxOutput, stat_dtype
 from .validation import validate_aux_inputs
-
-
-def _aux_forward_fake(ri_pred, ri_target, mu_ui, attn, embeddings, ui_center, recognizable, tau, beta):
-    scalar = ri_pred.new_empty((), dtype=stat_dtype(ri_pred.dtype))
-    grad_ri = ri_pred.new_empty(ri_pred.shape, dtype=scalar.dtype)
-    grad_attn = (ri_pred.new_empty((0,), dtype=scalar.dtype) if attn is None
-                 else attn.new_empty(attn.shape, dtype=scalar.dtype))
-    return scalar, scalar.clone(), scalar.clone(), grad_ri, grad_ri.clone(), grad_attn
-
-
-def register_aux_op(prefix: str) -> None:
-    """Registers the fake kernel and the autograd of `ree::{prefix}aux_forward`."""
-    name = f"ree::{prefix}aux_forward"
-
-    def setup_context(ctx, inputs, output):
-        ri_pred, attn = inputs[0], inputs[3]
-        ctx.save_for_backward(output[3], output[4], output[5])
-        ctx.mark_non_differentiable(*output[3:])  # the gradients computed in the forward
-        ctx.dtypes = (ri_pred.dtype, None if attn is None else attn.dtype)
-        ctx.num_inputs = len(inputs)
-        ctx.differentiated = functorch.requires_second_derivative(*(x for x in (ri_pred, attn) if x is not None))
-        ctx.backend = functorch.backend_of(name, ri_pred.device)
-
-    def backward(ctx, grad_l1, grad_id, grad_mse, *_):
-        refuse_double_backward(name, inputs_require_grad=ctx.differentiated, backend=ctx.backend)
-        d_l1, d_id, d_attn = ctx.saved_tensors
-        ri_dtype, attn_dtype = ctx.dtypes
-        grad_ri = (grad_l1 * d_l1 + grad_id * d_id).to(ri_dtype)
-        grad_attn = None if attn_dtype is None else (grad_mse * d_attn).to(attn_dtype)
-        grads = [None] * ctx.num_inputs
-        grads[0], grads[3] = grad_ri, grad_attn
-        return tuple(grads)
-
-    torch.library.register_fake(name)(_aux_forward_fake)
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
-    functorch.register(name, setup_context, backward)
-
-
-if EXTENSION_ERROR is None:
-    register_aux_op("")
-if CUDA_EMULATED:
-    register_aux_op(CUDA_EMULATION_PREFIX)
 
 
 def ree_aux_loss(
@@ -109,7 +66,7 @@ def ree_aux_loss(
     )
     chosen = resolve_backend(backend, "aux", ri_pred.device, ri_pred.dtype)
     if chosen == "reference":
-        return reference.ree_aux_loss(
+        return registration.reference_op("ree_aux_loss")(
             ri_pred, ri_target, mu_ui, tau=tau, beta=beta, attn=attn, embeddings=embeddings,
             ui_center=ui_center, recognizable=recognizable, weights=weights,
         )
@@ -121,7 +78,7 @@ def ree_aux_loss(
     def contiguous(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.detach().contiguous()
 
-    l1, idl, mse, *_ = functorch.call(
+    l1, idl, mse, *_ = registration.call(
         kernel_op(chosen, "aux_forward"), ri_pred.contiguous(), contiguous(ri_target), mu.detach(),
         None if attn is None else attn.contiguous(),
         contiguous(embeddings) if attn is not None else None, contiguous(ui_center) if attn is not None else None,

@@ -8,13 +8,12 @@ capabilities): the devices it runs on, the dtypes it takes, the ops it implement
 What is built and importable is read once, at import, into plain constants, so that
 torch.compile traces the choice as constant Python rather than breaking the graph on it: the C++
 extension says what it was built with (`ree_kernels._C.build_info()`), and the Triton package is
-imported by `load_triton`, which records a failure instead of raising it."""
+imported by `loading.load_triton`, which records a failure here instead of raising it."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
@@ -183,26 +182,17 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_USABLE = TRITON_INSTALLED and (TRITON_INTERPRET or torch.cuda.is_available())
 """Whether the Triton ops are registered: Triton is installed, can run here (CUDA, or its CPU
-interpreter) and imported without error (`load_triton`). An import inside a torch.compile trace
+interpreter) and imported without error (`loading.load_triton`). An import inside a torch.compile trace
 would break the graph, so the import happens once, when ree_kernels is imported."""
 TRITON_ERROR: Optional[str] = None
 """Why importing the Triton backend failed (None: it did not, or was not attempted)."""
 
 
-def load_triton() -> None:
-    """Imports `ree_kernels.triton` (registering torch.ops.ree.triton_*) where Triton can run.
-
-    A broken Triton (a failing import, a missing driver or library) must not make
-    `import ree_kernels` fail: the error is kept in TRITON_ERROR, `backend="triton"` raises it,
-    and `auto` skips Triton."""
+def record_triton_failure(error: str) -> None:
+    """Marks the Triton backend unusable, with why (`loading.load_triton` calls it when importing
+    the Triton package fails)."""
     global TRITON_USABLE, TRITON_ERROR
-    if not TRITON_USABLE or "ree_kernels.triton" in sys.modules:
-        return
-    try:
-        importlib.import_module("ree_kernels.triton")
-    except Exception as err:  # noqa: BLE001 - any failure inside Triton's import only disables Triton
-        TRITON_USABLE = False
-        TRITON_ERROR = f"{type(err).__name__}: {err}"
+    TRITON_USABLE, TRITON_ERROR = False, error
 
 
 def _why_unavailable(backend: Backend, op: str, device: torch.device) -> Optional[str]:
@@ -287,7 +277,7 @@ def chunk_size_for(requested: str, chosen: str, chunk_size: int) -> int:
 
 def kernel_op(backend: str, name: str) -> Callable:
     """`torch.ops.ree.<name>` for the C++ backends (the dispatcher picks the CPU or CUDA
-    kernel), `torch.ops.ree.triton_<name>` for Triton (registered by `load_triton`), and
+    kernel), `torch.ops.ree.triton_<name>` for Triton (registered by `loading.load_triton`), and
     `torch.ops.ree.cuda_emulated_<name>` for CUDA where it is emulated (`CUDA_EMULATED`)."""
     if backend == "triton":
         name = f"triton_{name}"

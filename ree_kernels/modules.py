@@ -11,12 +11,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends import BACKENDS
+from .contract import IGNORE_INDEX, HeadOutput
 from .distributed.group import Group, shard_range
 from .distributed.init import PROTOTYPE_INIT_STD, init_prototypes
 from .distributed.op import sharded_arcface_head
 from .distributed.state import _class_range, gather_shard
 from .head import arcface_head
-from .reference import IGNORE_INDEX, HeadOutput
 from .sampling import keep_unsampled_rows, num_sampled, sample_classes
 from .validation import validate_head_inputs
 

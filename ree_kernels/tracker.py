@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .reference import normalize
+from .contract import normalize
 
 
 class UITracker(nn.Module):

@@ -6,12 +6,12 @@ every comparison, so it is refused with the rest)."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .backends import FLOAT_DTYPES
-from .reference import MARGIN_MODES, MAX_SCALE, REDUCTIONS, RI_FORMS
+from .contract import MARGIN_MODES, MAX_SCALE, REDUCTIONS, RI_FORMS, HeadOptions
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 MAX_MARGIN = math.pi / 2
@@ -117,17 +117,15 @@ def validate_head_inputs(
     ui_center: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor],
     *,
-    scale: float,
-    margin: float,
-    margin_mode: str,
-    ri_form: str,
-    ignore_index: int,
-    reduction: str,
     num_classes: Optional[int] = None,
     check_labels: bool = True,
+    **options: Any,
 ) -> None:
-    """Checks everything `arcface_head` takes (docs/spec.md §2): shapes, dtypes, devices, options and
-    the range of every scalar (scale in (0, reference.MAX_SCALE], margin in [0, π/2)).
+    """Checks everything `arcface_head` takes (docs/spec.md §2): shapes, dtypes, devices, the
+    head's options (the keywords of `contract.HeadOptions`, defaults for those not given) and
+    the range of every scalar (scale in (0, contract.MAX_SCALE], margin in [0, π/2); chunk_size
+    and grad_filter_eps as `validate_kernel_options` says). The backend's name and what it
+    takes are `backends.resolve_backend`'s.
 
     Labels must lie in [0, num_classes) (by default the number of prototypes; a class shard
     passes the total) or equal ignore_index. That check reads the data, so where it costs a
@@ -139,10 +137,11 @@ def validate_head_inputs(
     folds it into the exchange its ranks make anyway).
 
     Raises:
-        TypeError: an argument of the wrong type or dtype.
+        TypeError: an argument of the wrong type or dtype, an unknown option.
         ValueError: a wrong shape, a device mismatch, an empty input, a scalar out of its
-            range, an unknown option, or (CPU tensors) a label out of range.
+            range, an unknown option value, or (CPU tensors) a label out of range.
     """
+    opts = HeadOptions(**options)
     _tensor("embeddings", embeddings, 2)
     _tensor("prototypes", prototypes, 2)
     _tensor("labels", labels, 1, (torch.int64,))
@@ -168,14 +167,15 @@ def validate_head_inputs(
         raise ValueError(f"ui_center has D = {ui_center.shape[0]} but embeddings has D = {dim}")
     _length("labels", labels, batch, "the batch size B")
     _length("sample_weight", sample_weight, batch, "the batch size B")
-    _number("scale", scale, 0.0, MAX_SCALE, low_open=True)
-    _number("margin", margin, 0.0, MAX_MARGIN, high_open=True)
-    _choice("margin_mode", margin_mode, MARGIN_MODES)
-    _choice("ri_form", ri_form, RI_FORMS)
-    _choice("reduction", reduction, REDUCTIONS)
-    _number("ignore_index", ignore_index, *INT64_RANGE, integer=True)
+    _number("scale", opts.scale, 0.0, MAX_SCALE, low_open=True)
+    _number("margin", opts.margin, 0.0, MAX_MARGIN, high_open=True)
+    _choice("margin_mode", opts.margin_mode, MARGIN_MODES)
+    _choice("ri_form", opts.ri_form, RI_FORMS)
+    _choice("reduction", opts.reduction, REDUCTIONS)
+    _number("ignore_index", opts.ignore_index, *INT64_RANGE, integer=True)
+    validate_kernel_options(opts.chunk_size, opts.grad_filter_eps)
     if check_labels:
-        _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, ignore_index)
+        _check_label_range(labels, prototypes.shape[0] if num_classes is None else num_classes, opts.ignore_index)
 
 
 def validate_class_index(class_index: object, prototypes: torch.Tensor) -> int:

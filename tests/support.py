@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ree_kernels
-from ree_kernels import reference
+from ree_kernels import contract
 
 # (backend, device) pairs that run the shared kernel suites. The CPU pairs must run here (an
 # unbuilt extension fails the suite rather than skipping it); the CUDA pairs run on a GPU, and
@@ -28,7 +28,7 @@ KERNEL_BACKENDS = [
 # B = 13 the "ratio" RI of the planted cos = 1 row, ≈ 3·10⁵ through its 1e-6 floor, misses the §5
 # bound by one float32 ulp of cos_ui: an absolute tolerance on a value amplified 10⁶-fold.)
 HEAD_SHAPES = {"default": (37, 1031, 67), ("triton", "cpu"): (13, 131, 19), ("cuda", "cpu"): (16, 131, 19)}
-# At a logit scale near reference.MAX_SCALE a float32 gradient's error is s·u times its size, for
+# At a logit scale near contract.MAX_SCALE a float32 gradient's error is s·u times its size, for
 # the kernels and the float32 reference alike (the rounding of each cosine and of the lse): the
 # docs/spec.md §5 bound then compares two maxima of errors with the same spread, and takes enough
 # rows for those maxima to settle.
@@ -178,7 +178,7 @@ def compare_head(inputs: Dict, *, backend: str, dtype: torch.dtype, device: str 
     ours, ours_g = run_head(inputs, backend=backend, dtype=dtype, device=device, **options)
     pt, pt_g = run_head(inputs, backend="reference", dtype=dtype, device=device, **options)
     gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, device=device, **options)
-    assert ours.loss.dtype == reference.stat_dtype(dtype)
+    assert ours.loss.dtype == contract.stat_dtype(dtype)
     assert not any(t.requires_grad for t in ours[1:]), "only the loss may be differentiable"
     for field in ("loss", "cos_pos", "cos_neg", "cos_ui", "ri", "lse"):
         assert_spec_close(getattr(ours, field), getattr(pt, field), getattr(gt, field), FORWARD_TOL[dtype], field)
@@ -195,8 +195,8 @@ def check_nearest_negative(ours, gt, inputs: Dict, dtype: torch.dtype) -> None:
     assert bool((idx != labels).all()), "neg_index returned the label"
     has_neg = gt.neg_index.cpu() >= 0
     assert bool((idx[~has_neg] == -1).all()), "rows without a negative must give index -1"
-    cos = torch.nn.functional.linear(reference.normalize(inputs["embeddings"].double().cpu()),
-                                     reference.normalize(inputs["prototypes"].double().cpu())).clamp(-1, 1)
+    cos = torch.nn.functional.linear(contract.normalize(inputs["embeddings"].double().cpu()),
+                                     contract.normalize(inputs["prototypes"].double().cpu())).clamp(-1, 1)
     rows = torch.nonzero(has_neg).squeeze(1)
     at_index = cos[rows, idx[rows]]
     slack = 1e-9 if dtype == torch.float64 else (1e-5 if dtype == torch.float32 else 2e-2)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from ree_kernels import BACKENDS
-from ree_kernels.reference import MARGIN_MODES, MAX_SCALE, RI_FORMS
+from ree_kernels.contract import MARGIN_MODES, MAX_SCALE, RI_FORMS
 from ree_kernels.validation import MAX_BETA, MAX_MARGIN, MAX_TAU
 
 from .errors import ConfigError

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 import ree_kernels
-from ree_kernels import UITracker, reference
+from ree_kernels import UITracker, statistics
 from ree_kernels.modules import make_arcface_head
 
 METHODS = ("ree", "arcface", "crfiqa")
@@ -167,7 +167,7 @@ class REELoss(nn.Module):
         diversion = zero if self.method == "crfiqa" else aux.id.detach()  # CR-FIQA has no L_ID
         if true_diversion:
             keep = recognizable & has_target
-            hinge = reference.index_diversion(head.ri[keep], self.tracker.mu.to(sdt), self.tau)
+            hinge = statistics.index_diversion(head.ri[keep], self.tracker.mu.to(sdt), self.tau)
             diversion = hinge.sum() / keep.sum().clamp_min(1)
             total = total + self.weights[1] * diversion.to(head.loss.dtype)
             diversion = diversion.detach()

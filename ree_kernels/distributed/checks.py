@@ -2,13 +2,13 @@
 alone would leave the others waiting in the next collective)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
 from ..backends import FLOAT_DTYPES, chunk_size_for, resolve_backend
-from ..reference import MARGIN_MODES, REDUCTIONS
-from ..validation import bad_labels, label_range_message, validate_head_inputs, validate_kernel_options
+from ..contract import MARGIN_MODES, REDUCTIONS, HeadOptions
+from ..validation import bad_labels, label_range_message, validate_head_inputs
 from .group import Group, shard_range
 
 EMBEDDING_GRADS = ("ddp", "exact")
@@ -29,12 +29,22 @@ SHARED_FIELDS: Dict[str, Callable[[float], str]] = {
 }
 
 
+class LocalCheck(NamedTuple):
+    """What `check_local` found: this rank's class range [start, stop), the options with the
+    concrete backend and the chunk_size it takes, and [the number of out-of-range labels, the
+    first one] on the device."""
+
+    start: int
+    stop: int
+    options: HeadOptions
+    label_summary: torch.Tensor
+
+
 def check_local(group: Group, embeddings, prototype_shard, labels, ui_center, sample_weight, *,
-                 num_classes, scale, margin, margin_mode, ri_form, ignore_index, reduction,
-                 backend, embedding_grad, chunk_size, grad_filter_eps) -> Tuple[int, int, str, int, torch.Tensor]:
-    """Validates this rank's arguments: its class range, concrete backend, chunk_size for it, and
-    [the number of out-of-range labels, the first one] on the device, for `agree` to read with
-    the rest (no read of its own: one synchronisation per step, not two, on CUDA)."""
+                num_classes, embedding_grad, **options: Any) -> LocalCheck:
+    """Validates this rank's arguments (`options`: the keywords of `contract.HeadOptions`), each
+    once. The label summary is left on the device for `agree` to read with the rest (no read of
+    its own: one synchronisation per step, not two, on CUDA)."""
     if not isinstance(num_classes, int) or isinstance(num_classes, bool):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
     start, stop = shard_range(num_classes, group.rank, group.world)
@@ -45,21 +55,18 @@ def check_local(group: Group, embeddings, prototype_shard, labels, ui_center, sa
             f"prototype_shard has {prototype_shard.shape[0]} rows, but rank {group.rank} of {group.world} "
             f"holds the classes [{start}, {stop}) of num_classes={num_classes}: {stop - start} rows "
             "(see shard_range)")
-    validate_head_inputs(
-        embeddings, prototype_shard, labels, ui_center, sample_weight,
-        scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-        ignore_index=ignore_index, reduction=reduction, num_classes=num_classes, check_labels=False,
-    )
+    opts = HeadOptions(**options)
+    validate_head_inputs(embeddings, prototype_shard, labels, ui_center, sample_weight, num_classes=num_classes,
+                         check_labels=False, **options)
     if embedding_grad not in EMBEDDING_GRADS:
         raise ValueError(f"embedding_grad must be one of {EMBEDDING_GRADS}, got {embedding_grad!r}")
-    validate_kernel_options(chunk_size, grad_filter_eps)
-    chosen = resolve_backend(backend, "head", embeddings.device, embeddings.dtype)
-    chunk_size = chunk_size_for(backend, chosen, chunk_size)
-    if grad_filter_eps and chosen != "triton":
+    chosen = resolve_backend(opts.backend, "head", embeddings.device, embeddings.dtype)
+    chunk_size = chunk_size_for(opts.backend, chosen, opts.chunk_size)
+    if opts.grad_filter_eps and chosen != "triton":
         raise ValueError(f"grad_filter_eps is implemented by the triton backend only, not {chosen!r}")
-    bad = bad_labels(labels, num_classes, ignore_index)
+    bad = bad_labels(labels, num_classes, opts.ignore_index)
     label_summary = torch.stack([bad.sum(), labels[bad.int().argmax()]])
-    return start, stop, chosen, chunk_size, label_summary
+    return LocalCheck(start, stop, opts._replace(backend=chosen, chunk_size=chunk_size), label_summary)
 
 
 def agree(group: Group, device: torch.device, error: Optional[BaseException], values: Sequence[float],

@@ -3,18 +3,27 @@ docstring describes the passes and the gradient convention)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import reference
 from ..backends import FLOAT_DTYPES, kernel_op
-from ..head import refuse_double_backward
-from ..reference import IGNORE_INDEX, MARGIN_MODES, REDUCTIONS, HeadOutput, HeadRows, stat_dtype
+from ..contract import (
+    MARGIN_MODES,
+    REDUCTIONS,
+    HeadOptions,
+    HeadOutput,
+    HeadRows,
+    loss_coefficients,
+    reduce_rows,
+    stat_dtype,
+)
+from ..registration import reference_op, refuse_double_backward
 from ..sampling import num_sampled, sample_classes
-from .checks import EMBEDDING_GRADS, SHARED_FIELDS, agree, check_local, device_of
+from ..statistics import head_output
+from .checks import EMBEDDING_GRADS, SHARED_FIELDS, LocalCheck, agree, check_local, device_of
 from .group import Group
 
 _NO_INDEX = torch.iinfo(torch.int64).max
@@ -23,44 +32,9 @@ _NO_INDEX = torch.iinfo(torch.int64).max
 # The local pass: the kernel ops, or the same contract in eager PyTorch for `reference`
 # --------------------------------------------------------------------------------------------
 
-def _reference_head_forward(embeddings, prototypes, labels, scale, margin, margin_mode, ignore_index,
-                            chunk_size, grad_filter_eps, ui_center=None, ri_form="product",
-                            class_index=None) -> HeadRows:
-    """`head_forward` (ree_kernels/head.py) in eager PyTorch."""
-    if class_index is not None:
-        prototypes = prototypes.index_select(0, class_index)
-    return reference.arcface_rows(embeddings, prototypes, labels, scale=scale, margin=margin,
-                                  margin_mode=margin_mode, ignore_index=ignore_index)
-
-
-def _reference_head_backward(embeddings, prototypes, labels, lse, row_grad, scale, margin, margin_mode,
-                             chunk_size, grad_filter_eps, class_index=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`head_backward` in eager PyTorch, by autograd of the reference's logits.
-
-    It exists beside the reference because the kernel contract takes the softmax against a given
-    lse, the global one over all shards, which autograd of this shard's own pass
-    (`reference.arcface_rows`) cannot give. Row i's loss against the global lse L_i is
-    L_i − s·φ_i; on this shard its gradient is exp(ℓ_i − L_i)·∂ℓ_i − s·∂φ_i (the second term only
-    where the label lives here), with ℓ_i the log-sum-exp of the shard's logits: the shard's
-    share of the global softmax times the gradient of its own log-sum-exp."""
-    if class_index is not None:
-        prototypes = prototypes.index_select(0, class_index)
-    with torch.enable_grad():
-        emb = embeddings.detach().requires_grad_(True)
-        protos = prototypes.detach().requires_grad_(True)
-        # The label is in range or has no target: no ignore_index is needed here.
-        out = reference.arcface_logits(emb, protos, labels, scale=scale, margin=margin,
-                                       margin_mode=margin_mode, ignore_index=-1)
-        local_lse = torch.logsumexp(out.logits, dim=1)
-        share = torch.exp(local_lse.detach() - lse)
-        target_logit = torch.where(out.has_target, scale * out.phi, 0.0)
-        objective = (row_grad * (share * local_lse - target_logit)).sum()
-        return torch.autograd.grad(objective, (emb, protos))
-
-
 def _local_ops(backend: str) -> Tuple[Callable, Callable]:
     if backend == "reference":
-        return _reference_head_forward, _reference_head_backward
+        return reference_op("head_forward"), reference_op("head_backward")
     return kernel_op(backend, "head_forward"), kernel_op(backend, "head_backward")
 
 
@@ -166,6 +140,58 @@ class _ShardedRows(torch.autograd.Function):
         return grad_mine, grad_shard, None
 
 
+def _check_all_ranks(group: Group, embeddings, prototype_shard, labels, ui_center, sample_weight, *,
+                     num_classes, embedding_grad, sample_rate, options: dict) -> Tuple[LocalCheck, List[int]]:
+    """Checks this rank's arguments and agrees with the others (`checks.agree`): every rank
+    raises, or none. This rank's check and every rank's batch size."""
+    error: Optional[BaseException] = None
+    shared: List[float] = [0.0] * (1 + len(SHARED_FIELDS))
+    local: Optional[LocalCheck] = None
+    opts = HeadOptions()
+    try:
+        opts = HeadOptions(**options)
+        local = check_local(group, embeddings, prototype_shard, labels, ui_center, sample_weight,
+                            num_classes=num_classes, embedding_grad=embedding_grad, **options)
+        num_sampled(num_classes, sample_rate)  # checks the rate
+        if sample_rate < 1.0 and opts.ignore_index >= 0:
+            raise ValueError(f"sample_rate < 1 needs a negative ignore_index, got {opts.ignore_index}")
+        shared = [embeddings.shape[0], num_classes, embeddings.shape[1], FLOAT_DTYPES.index(embeddings.dtype),
+                  opts.scale, opts.margin, MARGIN_MODES.index(opts.margin_mode), opts.ignore_index,
+                  REDUCTIONS.index(opts.reduction), sample_weight is not None, EMBEDDING_GRADS.index(embedding_grad)]
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
+        error = err
+    batches = agree(group, device_of(embeddings, prototype_shard, labels), error, shared,
+                    None if local is None else local.label_summary, num_classes, opts.ignore_index)
+    return local, batches
+
+
+def _shard_pass(group: Group, local: LocalCheck, labels_all: torch.Tensor, max_batch: int, embedding_grad: str,
+                sample_rate: float, generator: Optional[torch.Generator],
+                on_sample: Optional[Callable[[torch.Tensor], None]]) -> _ShardPass:
+    """This shard's view of the global batch: which rows it owns, their local labels, and its
+    sampled classes (PartialFC) with `sample_rate` < 1."""
+    start, stop, opts = local.start, local.stop, local.options
+    ignored = labels_all == opts.ignore_index
+    owned = (labels_all >= start) & (labels_all < stop) & ~ignored
+    local_ignore = opts.ignore_index if opts.ignore_index < 0 else -1  # never a local class id
+    local_labels = torch.where(owned, labels_all - start, local_ignore)
+    class_index = None
+    if sample_rate < 1.0:
+        # This shard's classes among the global batch's labels, and its own uniform others.
+        class_index, local_labels = sample_classes(local_labels, stop - start, sample_rate, ignore_index=local_ignore,
+                                                   generator=generator)
+        if on_sample is not None:
+            on_sample(class_index + start)
+    forward_op, backward_op = _local_ops(opts.backend)
+    return _ShardPass(
+        group=group, max_batch=max_batch, start=start, local_labels=local_labels, owned=owned, ignored=ignored,
+        forward_op=forward_op, backward_op=backward_op, scale=float(opts.scale), margin=float(opts.margin),
+        margin_mode=opts.margin_mode, local_ignore=local_ignore, chunk_size=opts.chunk_size,
+        grad_filter_eps=float(opts.grad_filter_eps), reduction=opts.reduction, embedding_grad=embedding_grad,
+        class_index=class_index,
+    )
+
+
 def sharded_arcface_head(
     embeddings: torch.Tensor,
     prototype_shard: torch.Tensor,
@@ -174,20 +200,12 @@ def sharded_arcface_head(
     *,
     num_classes: int,
     process_group: Optional[dist.ProcessGroup] = None,
-    scale: float = 64.0,
-    margin: float = 0.5,
-    margin_mode: str = "arcface",
-    ri_form: str = "product",
     sample_weight: Optional[torch.Tensor] = None,
-    ignore_index: int = IGNORE_INDEX,
-    reduction: str = "mean",
-    backend: str = "auto",
     embedding_grad: str = "ddp",
-    chunk_size: int = 0,
-    grad_filter_eps: float = 0.0,
     sample_rate: float = 1.0,
     generator: Optional[torch.Generator] = None,
     on_sample: Optional[Callable[[torch.Tensor], None]] = None,
+    **options: Any,
 ) -> HeadOutput:
     """`arcface_head` over the global batch of `process_group`, with the prototypes sharded by class.
 
@@ -208,7 +226,8 @@ def sharded_arcface_head(
             zero gradient. Needs a negative ignore_index. 1: every class.
         generator: the random source of this rank's draw, or None for torch's default one.
         on_sample: called with the shard's sampled classes ([C'] global ids, ascending) at each draw.
-        The other options are those of `arcface_head`, and must agree across ranks.
+        **options: the head's options, the keywords of `contract.HeadOptions` as `arcface_head`
+            takes them; they must agree across ranks.
 
     Returns:
         HeadOutput for this rank's rows: the loss ("mean", "sum": over the global batch, the
@@ -224,60 +243,23 @@ def sharded_arcface_head(
         RuntimeError: the backend cannot run here.
     """
     group = Group(process_group)
-    options = dict(num_classes=num_classes, scale=scale, margin=margin, margin_mode=margin_mode,
-                   ri_form=ri_form, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                   embedding_grad=embedding_grad, chunk_size=chunk_size, grad_filter_eps=grad_filter_eps)
-    error: Optional[BaseException] = None
-    shared: List[float] = [0.0] * (1 + len(SHARED_FIELDS))
-    label_summary: Optional[torch.Tensor] = None
-    try:
-        start, stop, chosen, chunk_size, label_summary = check_local(
-            group, embeddings, prototype_shard, labels, ui_center, sample_weight, **options)
-        num_sampled(num_classes, sample_rate)  # checks the rate
-        if sample_rate < 1.0 and ignore_index >= 0:
-            raise ValueError(f"sample_rate < 1 needs a negative ignore_index, got {ignore_index}")
-        shared = [embeddings.shape[0], num_classes, embeddings.shape[1], FLOAT_DTYPES.index(embeddings.dtype),
-                  scale, margin, MARGIN_MODES.index(margin_mode), ignore_index, REDUCTIONS.index(reduction),
-                  sample_weight is not None, EMBEDDING_GRADS.index(embedding_grad)]
-    except Exception as err:  # noqa: BLE001 - every rank must hear of it before anyone raises
-        error = err
-    batches = agree(group, device_of(embeddings, prototype_shard, labels), error, shared, label_summary,
-                    num_classes, ignore_index)
-
-    max_batch = max(batches)
-    sdt = stat_dtype(embeddings.dtype)
+    local, batches = _check_all_ranks(group, embeddings, prototype_shard, labels, ui_center, sample_weight,
+                                      num_classes=num_classes, embedding_grad=embedding_grad,
+                                      sample_rate=sample_rate, options=options)
+    opts, max_batch = local.options, max(batches)
     pad = max_batch - embeddings.shape[0]
-    labels_all = group.all_gather(nn.functional.pad(labels, (0, pad), value=ignore_index)).flatten()
+    labels_all = group.all_gather(nn.functional.pad(labels, (0, pad), value=opts.ignore_index)).flatten()
     weights_all = None
     if sample_weight is not None:
         weights_all = group.all_gather(nn.functional.pad(sample_weight.detach().double(), (0, pad))).flatten()
-    ignored = labels_all == ignore_index
-    owned = (labels_all >= start) & (labels_all < stop) & ~ignored
-    local_ignore = ignore_index if ignore_index < 0 else -1  # never a local class id
-    forward_op, backward_op = _local_ops(chosen)
-    local_labels = torch.where(owned, labels_all - start, local_ignore)
-    class_index = None
-    if sample_rate < 1.0:
-        # This shard's classes among the global batch's labels, and its own uniform others.
-        class_index, local_labels = sample_classes(local_labels, stop - start, sample_rate, ignore_index=local_ignore,
-                                                   generator=generator)
-        if on_sample is not None:
-            on_sample(class_index + start)
-    shard_pass = _ShardPass(
-        group=group, max_batch=max_batch, start=start,
-        local_labels=local_labels, owned=owned, ignored=ignored,
-        forward_op=forward_op, backward_op=backward_op, scale=float(scale), margin=float(margin),
-        margin_mode=margin_mode, local_ignore=local_ignore, chunk_size=chunk_size,
-        grad_filter_eps=float(grad_filter_eps), reduction=reduction, embedding_grad=embedding_grad,
-        class_index=class_index,
-    )
+    shard_pass = _shard_pass(group, local, labels_all, max_batch, embedding_grad, sample_rate, generator, on_sample)
     loss_rows, cos_pos, cos_neg, neg_index, lse = _ShardedRows.apply(embeddings, prototype_shard, shard_pass)
 
-    coef = reference.loss_coefficients(labels_all, weights_all, ignore_index, reduction, loss_rows.dtype)
-    loss = reference.reduce_rows(loss_rows, coef, reduction)
+    coef = loss_coefficients(labels_all, weights_all, opts.ignore_index, opts.reduction, loss_rows.dtype)
+    loss = reduce_rows(loss_rows, coef, opts.reduction)
     mine = slice(group.rank * max_batch, group.rank * max_batch + embeddings.shape[0])
-    if reduction == "none":
+    if opts.reduction == "none":
         loss = loss[mine]
-    loss = loss.to(sdt)
+    sdt = stat_dtype(embeddings.dtype)
     rows = HeadRows(loss_rows[mine].to(sdt), cos_pos[mine], cos_neg[mine], neg_index[mine], lse[mine])
-    return reference.head_output(loss, rows, embeddings, ui_center, ri_form)
+    return head_output(loss.to(sdt), rows, embeddings, ui_center, opts.ri_form)

@@ -1,6 +1,7 @@
 """`ree::triton_aux_forward`: the REE auxiliary losses and their gradients in Triton.
 
-The contract is ree_kernels/aux_loss.py's; the semantics are `reference.ree_aux_loss`, and
+The contract is ree_kernels/aux_loss.py's; the semantics are `reference.ree_aux_loss_reference`,
+and
 csrc/cpu/aux_loss.cpp is the same pass in C++. Two kernels: `_aux_rows_kernel` computes each row's
 three losses and gradients (a program per block of rows, the whole embedding row in
 registers), `_aux_means_kernel` sums the rows in a fixed order (deterministic means).
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aux_loss import register_aux_op
+from ..registration import register_aux_op
 from .formulas import inverse_norm, pam_residual
 
 ROW_ELEMENTS = 8192
@@ -56,14 +57,14 @@ def _aux_rows_kernel(pred_ptr, target_ptr, mu_ptr, keep_ptr, kept_ptr, attn_ptr,
     l1, l1_grad = _smooth_l1(pred - target, beta)
     tl.store(l1_ptr + rows, l1, mask=row_ok)
     tl.store(grad_l1_ptr + rows, l1_grad / B, mask=row_ok)
-    # docs/spec.md §1.6 [R], reference.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
+    # docs/spec.md §1.6 [R], statistics.index_diversion: relu(μ + τ − ξ̂) over the recognizable rows.
     gap = mu + tau - pred
     hinge = tl.maximum(gap, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(id_ptr + rows, tl.where(keep, hinge, 0.0), mask=row_ok)
     tl.store(grad_id_ptr + rows, tl.where(keep & (gap > 0.0), -per_kept, 0.0), mask=row_ok)
 
     if HAS_ATTN:
-        # docs/spec.md §1.7 [R], reference.pam_target: v̇ = normalize(v̂ − (v̂·û)û), then (attn − v̇)².
+        # docs/spec.md §1.7 [R], statistics.pam_target: v̇ = normalize(v̂ − (v̂·û)û), then (attn − v̇)².
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         tile = rows.to(tl.int64)[:, None] * D + cols[None, :]
@@ -85,7 +86,7 @@ def _aux_rows_kernel(pred_ptr, target_ptr, mu_ptr, keep_ptr, kept_ptr, attn_ptr,
 @triton.jit
 def _aux_means_kernel(l1_ptr, id_ptr, mse_ptr, kept_ptr, l1_out, id_out, mse_out, B, D,
                       HAS_KEEP: tl.constexpr, HAS_ATTN: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: the three sums in a fixed order, then the means of reference.ree_aux_loss."""
+    """One program: the three sums in a fixed order, then the means of reference.ree_aux_loss_reference."""
     l1 = tl.zeros((BLOCK,), tl.float32)
     idl = tl.zeros((BLOCK,), tl.float32)
     mse = tl.zeros((BLOCK,), tl.float32)

@@ -1,6 +1,6 @@
 """The `@triton.jit` formulas the Triton kernels share (head forward, head backward, aux): one
 definition of each, named and ordered as their C++ twins in csrc/include/ree/formulas.h, and
-each following the function of `reference` it names."""
+each following the function of `contract`, `statistics` or `reference` it names."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,11 @@ import math
 import triton
 import triton.language as tl
 
-from .. import reference
+from .. import contract
 
-NORM_EPS = tl.constexpr(reference.NORM_EPS)
-SIN_EPS = tl.constexpr(reference.SIN_EPS)
-RATIO_EPS = tl.constexpr(reference.RATIO_EPS)
+NORM_EPS = tl.constexpr(contract.NORM_EPS)
+SIN_EPS = tl.constexpr(contract.SIN_EPS)
+RATIO_EPS = tl.constexpr(contract.RATIO_EPS)
 LOG2E = tl.constexpr(math.log2(math.e))
 NO_IGNORE_INDEX = tl.constexpr(-1)
 """An ignore_index that no label in [0, C) equals: the backward's (its ignored rows arrive with
@@ -21,7 +21,7 @@ row_grad 0, and a label outside [0, C) has no target term). csrc: kNoIgnoreIndex
 
 @triton.jit
 def inverse_norm(squared_norm):
-    """1 / max(‖x‖, NORM_EPS) from ‖x‖²: reference.normalize's divisor (F.normalize)."""
+    """1 / max(‖x‖, NORM_EPS) from ‖x‖²: contract.normalize's divisor (F.normalize)."""
     return 1.0 / tl.maximum(tl.sqrt(squared_norm), NORM_EPS)
 
 
@@ -51,8 +51,8 @@ def row_targets(labels, C, ignore_index):
 def margin_logit(cos, sin_squared, margin, cos_m, sin_m, threshold, fallback, MODE: tl.constexpr):
     """(φ(cos), dφ/dcos) of reference.margin_logit, as its autograd differentiates it.
 
-    MODE follows reference.MARGIN_MODES: 0 arcface, 1 arcface_easy, 2 arcface_st, 3 cosface; the
-    constants are reference.margin_constants. `sin_squared` is 1 − cos² (see `label_cosine`);
+    MODE follows contract.MARGIN_MODES: 0 arcface, 1 arcface_easy, 2 arcface_st, 3 cosface; the
+    constants are contract.margin_constants. `sin_squared` is 1 − cos² (see `label_cosine`);
     sin θ = sqrt(max(1 − cos², SIN_EPS)), and the clamp passes the gradient where
     1 − cos² ≥ SIN_EPS (torch.clamp_min's rule)."""
     one_minus = sin_squared
@@ -77,8 +77,8 @@ def margin_logit(cos, sin_squared, margin, cos_m, sin_m, threshold, fallback, MO
 
 @triton.jit
 def recognizability_index(cos_pos, cos_neg, cos_ui, HAS_UI: tl.constexpr, FORM: tl.constexpr):
-    """reference.recognizability_index, the same operations in the same order. FORM follows
-    reference.RI_FORMS: 0 product, 1 ratio, 2 sum, 3 crfiqa; without HAS_UI, d^UI = 1. NaN
+    """statistics.recognizability_index, the same operations in the same order. FORM follows
+    contract.RI_FORMS: 0 product, 1 ratio, 2 sum, 3 crfiqa; without HAS_UI, d^UI = 1. NaN
     cosines (rows without a target) give NaN."""
     d_pos = 1.0 - cos_pos
     d_neg = 1.0 - cos_neg
@@ -99,7 +99,7 @@ def recognizability_index(cos_pos, cos_neg, cos_ui, HAS_UI: tl.constexpr, FORM: 
 
 @triton.jit
 def pam_residual(v, u, v_inv, u_inv, along):
-    """reference.pam_target before its last normalisation: v̂ − (v̂·û)·û, from the raw v and u,
+    """statistics.pam_target before its last normalisation: v̂ − (v̂·û)·û, from the raw v and u,
     their inverse norms, and along = v̂·û."""
     return v * v_inv - along * (u * u_inv)
 

@@ -1,8 +1,8 @@
 """`ree::triton_head_forward` and `ree::triton_head_backward`: the ArcFace head in Triton.
 
 The contract is the one of every head backend (ree_kernels/head.py); the semantics are those
-of `reference.arcface_rows`, completed with `reference.cosine_to_ui` and
-`reference.recognizability_index`. Nothing of size B × C is ever stored: the forward streams
+of `reference.arcface_rows`, completed with `statistics.cosine_to_ui` and
+`statistics.recognizability_index`. Nothing of size B × C is ever stored: the forward streams
 tiles of prototypes past a block of rows (flash-attention style) and keeps per-row running
 values, the backward recomputes the tiles. docs/design.md (`## Triton backend`) explains the
 choices. This module launches the kernels and registers the ops; the kernels are in
@@ -17,18 +17,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 
-from .. import reference
-from ..head import register_head_ops
+from ..backends import BY_NAME
+from ..contract import MARGIN_MODES, RI_FORMS, margin_constants
+from ..registration import register_head_ops
 from . import tiling
 from .head_backward import backward_rows_kernel, grad_embeddings_kernel, grad_prototypes_kernel
 from .head_forward import forward_finish_kernel, forward_tiles_kernel, norms_kernel
 
-MARGIN_MODE_IDS = {mode: k for k, mode in enumerate(reference.MARGIN_MODES)}
-"""margin_mode → the MODE constexpr of the kernels (the order of reference.MARGIN_MODES)."""
-RI_FORM_IDS = {form: k for k, form in enumerate(reference.RI_FORMS)}
-"""ri_form → the RI_FORM constexpr of the kernels (the order of reference.RI_FORMS)."""
+MARGIN_MODE_IDS = {mode: k for k, mode in enumerate(MARGIN_MODES)}
+"""margin_mode → the MODE constexpr of the kernels (the order of contract.MARGIN_MODES)."""
+RI_FORM_IDS = {form: k for k, form in enumerate(RI_FORMS)}
+"""ri_form → the RI_FORM constexpr of the kernels (the order of contract.RI_FORMS)."""
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = BY_NAME["triton"].dtypes
 
 # The head's kernels turn cosines into logits s·cos and subtract a maximum or the lse: they are
 # compiled without FMA contraction, which would fuse the product into the subtraction and round
@@ -44,7 +45,8 @@ _FUSION = dict(enable_fp_fusion=True)
 def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> None:
     """What the op needs beyond `validate_head_inputs` (which callers of the op may skip)."""
     if embeddings.dtype not in SUPPORTED_DTYPES or prototypes.dtype != embeddings.dtype:
-        raise TypeError(f"embeddings and prototypes must share one dtype among float32, bfloat16, float16; "
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"embeddings and prototypes must share one dtype among {names}; "
                         f"got {embeddings.dtype} and {prototypes.dtype}")
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64, got {labels.dtype}")
@@ -58,7 +60,7 @@ def _check_inputs(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: to
 
 
 def _ui_direction(ui_center: Optional[torch.Tensor], embeddings: torch.Tensor) -> Optional[torch.Tensor]:
-    """ui_center as the norms kernel reads it: [D] float32 (reference.cosine_to_ui's ū)."""
+    """ui_center as the norms kernel reads it: [D] float32 (statistics.cosine_to_ui's ū)."""
     if ui_center is None:
         return None
     if not ui_center.is_floating_point() or ui_center.shape != embeddings.shape[1:]:
@@ -106,10 +108,10 @@ def _float16_headroom(row_grad: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def margin_args(margin: float, margin_mode: str) -> Dict[str, float]:
-    """The margin's kernel arguments: reference.margin_constants and the MODE constexpr."""
+    """The margin's kernel arguments: contract.margin_constants and the MODE constexpr."""
     if margin_mode not in MARGIN_MODE_IDS:
-        raise ValueError(f"margin_mode must be one of {reference.MARGIN_MODES}, got {margin_mode!r}")
-    return dict(margin=margin, **reference.margin_constants(margin)._asdict(), MODE=MARGIN_MODE_IDS[margin_mode])
+        raise ValueError(f"margin_mode must be one of {MARGIN_MODES}, got {margin_mode!r}")
+    return dict(margin=margin, **margin_constants(margin)._asdict(), MODE=MARGIN_MODE_IDS[margin_mode])
 
 
 def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, scale: float,
@@ -124,7 +126,7 @@ def forward_rows(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     class_tile = tiling.class_tile_override(chunk_size)
     margin_kw = margin_args(float(margin), margin_mode)
     if ri_form not in RI_FORM_IDS:
-        raise ValueError(f"ri_form must be one of {reference.RI_FORMS}, got {ri_form!r}")
+        raise ValueError(f"ri_form must be one of {RI_FORMS}, got {ri_form!r}")
     ui = _ui_direction(ui_center, embeddings)
     e, w, labels = embeddings.contiguous(), prototypes.contiguous(), labels.contiguous()
     (batch, dim), classes = e.shape, w.shape[0] if index is None else index.shape[0]

@@ -1,7 +1,7 @@
 """The head's forward kernels (launched by head.py, in this order):
 
 - `norms_kernel`: ‖x‖² per row of the embeddings and of the prototypes (float32); for the
-  embeddings with a UI centre, also each row's cosine to it (reference.cosine_to_ui).
+  embeddings with a UI centre, also each row's cosine to it (statistics.cosine_to_ui).
 - `forward_tiles_kernel`: per (row block, class split), over the split's class tiles: the
   cosines (tl.dot, float32 accumulation), an online log-sum-exp and the nearest candidate over
   the columns that are not the row's label. Writes per-row partials for its split.

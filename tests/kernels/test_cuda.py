@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ree_kernels
-from ree_kernels import backends, reference
+from ree_kernels import backends, contract, reference
 from support import aux_inputs, compare_head, head_inputs
 
 pytestmark = pytest.mark.gpu
@@ -155,8 +155,8 @@ def streamed_reference(emb, protos, labels, row_grad, check_rows, *, scale=64.0,
     Σ row_grad_i·exp(logit_ij − lse_i) has exactly the chunk's share of the gradient."""
     v = emb.double().requires_grad_()
     labels_w = protos[labels].double().requires_grad_()
-    v_hat = reference.normalize(v)
-    target_cos = (v_hat * reference.normalize(labels_w)).sum(1).clamp(-1, 1)
+    v_hat = contract.normalize(v)
+    target_cos = (v_hat * contract.normalize(labels_w)).sum(1).clamp(-1, 1)
     target_logit = scale * reference.margin_logit(target_cos, "arcface", margin)
     # Forward: log-sum-exp over the negatives plus the target, nearest negative.
     lse = target_logit.detach().clone()
@@ -164,7 +164,7 @@ def streamed_reference(emb, protos, labels, row_grad, check_rows, *, scale=64.0,
     best_index = torch.full_like(labels, -1)
     with torch.no_grad():
         for begin in range(0, protos.shape[0], chunk):
-            cos = (v_hat @ reference.normalize(protos[begin:begin + chunk].double()).T).clamp(-1, 1)
+            cos = (v_hat @ contract.normalize(protos[begin:begin + chunk].double()).T).clamp(-1, 1)
             cols = torch.arange(begin, begin + cos.shape[1], device=cos.device)
             cos = cos.masked_fill(cols[None] == labels[:, None], -math.inf)
             lse = torch.logaddexp(lse, torch.logsumexp(scale * cos, 1))
@@ -178,7 +178,7 @@ def streamed_reference(emb, protos, labels, row_grad, check_rows, *, scale=64.0,
     grad_rows = {}
     for begin in range(0, protos.shape[0], chunk):
         w = protos[begin:begin + chunk].double().requires_grad_()
-        cos = (reference.normalize(v) @ reference.normalize(w).T).clamp(-1, 1)
+        cos = (contract.normalize(v) @ contract.normalize(w).T).clamp(-1, 1)
         cols = torch.arange(begin, begin + cos.shape[1], device=cos.device)
         phi = reference.margin_logit(cos, "arcface", margin)
         logits = scale * torch.where(cols[None] == labels[:, None], phi, cos)
@@ -226,7 +226,7 @@ def test_offsets_past_int32_with_4_2_million_classes():
     assert torch.allclose(out.cos_pos.double(), cos_pos, atol=1e-5, rtol=0)
     assert torch.allclose(out.cos_neg.double(), cos_neg, atol=1e-4, rtol=0)
     assert out.neg_index[:len(negatives)].tolist() == negatives
-    at_index = (reference.normalize(emb.double()) * reference.normalize(protos[out.neg_index].double())).sum(1)
+    at_index = (contract.normalize(emb.double()) * contract.normalize(protos[out.neg_index].double())).sum(1)
     assert torch.allclose(at_index, cos_neg, atol=1e-4, rtol=0)
 
     # bf16 gradients: within 2% of the gradient's scale (a wrong row or offset is off by O(scale)).

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ree_kernels import arcface_head, reference
+from ree_kernels import arcface_head, contract
 from ree_kernels.backends import CPP_KERNELS, KERNEL_DTYPES, TRITON_USABLE
 from ree_kernels.distributed import (
     init_prototypes,
@@ -86,8 +86,8 @@ def case_inputs(case: Dict, world: int) -> Dict:
     return inputs
 
 
-def rows_of(out: reference.HeadOutput, rows: slice, reduction: str) -> reference.HeadOutput:
-    return reference.HeadOutput(*(x if (name == "loss" and reduction != "none") else x[rows]
+def rows_of(out: contract.HeadOutput, rows: slice, reduction: str) -> contract.HeadOutput:
+    return contract.HeadOutput(*(x if (name == "loss" and reduction != "none") else x[rows]
                                   for name, x in zip(out._fields, out)))
 
 
@@ -146,7 +146,7 @@ def check_case(rank: int, world: int, case: Dict) -> None:
            for b in dict.fromkeys(("reference", backend))]
     gt, gt_g = run_head(inputs, backend="reference", dtype=torch.float64, reduction=reduction, **options)
     what = f"[rank {rank}/{world} {case['name']}]"
-    assert ours.loss.dtype == reference.stat_dtype(dtype), what
+    assert ours.loss.dtype == contract.stat_dtype(dtype), what
     pt_rows, gt_rows = [rows_of(pt, rows, reduction) for pt, _ in pts], rows_of(gt, rows, reduction)
     for field in ("loss", "cos_pos", "cos_neg", "cos_ui", "ri", "lse"):
         assert_spec_close_to_any(getattr(ours, field), [getattr(p, field) for p in pt_rows], getattr(gt_rows, field),
@@ -173,12 +173,12 @@ def comparison_cases(world: int) -> List[Dict]:
     for backend in LOCAL_BACKENDS:
         dtypes = [d for d in (torch.float64, torch.float32) if d in KERNEL_DTYPES[backend]]
         wide = dtypes[0]
-        for k, mode in enumerate(reference.MARGIN_MODES):
+        for k, mode in enumerate(contract.MARGIN_MODES):
             for dtype in dtypes:
                 cases.append(dict(name=f"{backend} {mode} {dtype}", backend=backend, dtype=dtype, seed=100 + k,
                                   margin_mode=mode, ignored=3, weights=True, edges=True))
-        for reduction in reference.REDUCTIONS:
-            for form in reference.RI_FORMS:
+        for reduction in contract.REDUCTIONS:
+            for form in contract.RI_FORMS:
                 cases.append(dict(name=f"{backend} {reduction} {form}", backend=backend, dtype=torch.float32,
                                   seed=110, reduction=reduction, ri_form=form, ignored=2, weights=reduction != "sum",
                                   edges=True, scale=30.0, margin=0.3))

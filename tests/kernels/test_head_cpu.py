@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ree_kernels import arcface_head, reference
+from ree_kernels import arcface_head, contract
 from support import compare_head, head_inputs, planted_tie_inputs, run_head
 
 pytestmark = pytest.mark.usefixtures("poisoned_outputs")
@@ -23,7 +23,7 @@ def direct_inputs(batch, classes, dim, *, seed, dtype=torch.float32, ignored=1):
     emb = inputs["embeddings"].to(dtype)
     protos = inputs["prototypes"].to(dtype)
     labels = inputs["labels"]
-    coef = reference.loss_coefficients(labels, inputs["sample_weight"], -100, "mean", reference.stat_dtype(dtype))
+    coef = contract.loss_coefficients(labels, inputs["sample_weight"], -100, "mean", contract.stat_dtype(dtype))
     return emb, protos, labels, coef
 
 
@@ -211,7 +211,7 @@ def test_direct_calls_reject_bad_arguments():
 def test_huge_scale_gives_a_finite_loss():
     """A user's case (B=8, C=40, D=16): at scale 1e9 the loss was −inf, since the row's sum was
     shifted by a BLAS cosine one rounding above the exact one that replaced it. The ops take any
-    scale (arcface_head refuses those above reference.MAX_SCALE); the row's shift is now the
+    scale (arcface_head refuses those above contract.MAX_SCALE); the row's shift is now the
     largest logit the sum takes."""
     emb, protos, labels, coef = direct_inputs(8, 40, 16, seed=51, ignored=0)
     for scale in (1e6, 1e9):

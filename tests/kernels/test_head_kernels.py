@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ree_kernels import reference
+from ree_kernels import contract, reference, statistics
 from ree_kernels.backends import kernel_op
 from support import (
     DTYPES,
@@ -33,7 +33,7 @@ def dtypes_of(kernel):
     return DTYPES[tuple(kernel)]
 
 
-@pytest.mark.parametrize("margin_mode", reference.MARGIN_MODES)
+@pytest.mark.parametrize("margin_mode", contract.MARGIN_MODES)
 def test_matches_reference_every_dtype(kernel, margin_mode):
     backend, device = kernel
     batch, classes, dim = head_shape(kernel)
@@ -43,8 +43,8 @@ def test_matches_reference_every_dtype(kernel, margin_mode):
         compare_head(inputs, backend=backend, dtype=dtype, device=device, margin_mode=margin_mode)
 
 
-@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
-@pytest.mark.parametrize("ri_form", reference.RI_FORMS)
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
+@pytest.mark.parametrize("ri_form", contract.RI_FORMS)
 def test_reductions_and_ri_forms(kernel, reduction, ri_form):
     backend, device = kernel
     batch, classes, dim = head_shape(kernel)
@@ -194,11 +194,11 @@ def _ui_and_ri(inputs, dtype, ri_form):
     emb, protos = inputs["embeddings"].to(dtype), inputs["prototypes"].to(dtype)
     ui = None if inputs["ui_center"] is None else inputs["ui_center"].to(dtype)
     rows = reference.arcface_rows(emb, protos, inputs["labels"])
-    cos_ui = reference.cosine_to_ui(emb, ui)
-    return cos_ui, reference.recognizability_index(rows.cos_pos, rows.cos_neg, None if ui is None else cos_ui, ri_form)
+    cos_ui = statistics.cosine_to_ui(emb, ui)
+    return cos_ui, statistics.recognizability_index(rows.cos_pos, rows.cos_neg, None if ui is None else cos_ui, ri_form)
 
 
-@pytest.mark.parametrize("ri_form", reference.RI_FORMS)
+@pytest.mark.parametrize("ri_form", contract.RI_FORMS)
 @pytest.mark.parametrize("centre", ["given", "none", "zero"])
 def test_ui_cosine_and_ri_come_from_the_op(kernel, ri_form, centre):
     """One op call returns the whole HeadOutput: the UI cosine (the normalisation pre-pass) and
@@ -213,7 +213,7 @@ def test_ui_cosine_and_ri_come_from_the_op(kernel, ri_form, centre):
         inputs["ui_center"] = torch.zeros_like(inputs["ui_center"])
     ui = None if inputs["ui_center"] is None else inputs["ui_center"].float()
     rows = kernel_op(backend, "head_forward")(inputs["embeddings"].float(), inputs["prototypes"].float(),
-                                              inputs["labels"], 64.0, 0.5, "arcface", reference.IGNORE_INDEX, 0,
+                                              inputs["labels"], 64.0, 0.5, "arcface", contract.IGNORE_INDEX, 0,
                                               0.0, ui, ri_form)
     assert len(rows) == 7
     pt = _ui_and_ri(inputs, torch.float32, ri_form)
@@ -229,14 +229,14 @@ def test_ui_cosine_and_ri_come_from_the_op(kernel, ri_form, centre):
     compare_head(inputs, backend=backend, dtype=torch.float32, device=device, ri_form=ri_form)
 
 
-@pytest.mark.parametrize("scale", [64.0, reference.MAX_SCALE])
-@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("scale", [64.0, contract.MAX_SCALE])
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
 def test_forward_and_backward_agree_at_large_scales(kernel, scale, reduction):
     """At a logit scale s, a cosine one rounding u away moves the softmax by s·u relative: the
     backward must recompute exactly the forward's cosines and logits, or its softmax no longer
     sums to one against the forward's lse. Rows at and near cos = ±1 and a nearest negative at
     cos ≈ 1 (which dominates its row's lse), every reduction (mean and sum: the CPU's single
-    pass; none: forward + recomputing backward), up to reference.MAX_SCALE: the gradients hold
+    pass; none: forward + recomputing backward), up to contract.MAX_SCALE: the gradients hold
     to the float64 reference by the docs/spec.md §5 rule, and the loss is finite."""
     backend, device = kernel
     batch, classes, dim = LARGE_SCALE_SHAPES.get(tuple(kernel), LARGE_SCALE_SHAPES["default"])

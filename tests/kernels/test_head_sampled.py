@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ree_kernels
-from ree_kernels import reference
+from ree_kernels import contract
 from support import (
     DTYPES,
     FORWARD_TOL,
@@ -132,5 +132,5 @@ def test_cpu_op_refuses_an_index_out_of_range():
     emb, protos = torch.randn(3, 4), torch.randn(6, 4)
     labels = torch.tensor([0, 1, 0])
     with pytest.raises(ValueError, match="class_index"):
-        kernel_op("cpu", "head_forward")(emb, protos, labels, 64.0, 0.5, "arcface", reference.IGNORE_INDEX, 0, 0.0,
+        kernel_op("cpu", "head_forward")(emb, protos, labels, 64.0, 0.5, "arcface", contract.IGNORE_INDEX, 0, 0.0,
                                          None, "product", torch.tensor([0, 6]))

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ree_kernels
-from ree_kernels import arcface_head, backends, ree_aux_loss, reference, validation
+from ree_kernels import arcface_head, backends, contract, ree_aux_loss, reference, statistics, validation
 from support import FORWARD_TOL, GRAD_TOL, assert_spec_close, aux_inputs, generator, head_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_names_dtypes_and_cli_choices_come_from_the_descriptions():
     assert backends.BACKENDS == ("auto",) + names == ree_kernels.BACKENDS == CHOICES["backend"]
     assert {n: backends.KERNEL_DTYPES[n] for n in names} == {b.name: b.dtypes for b in backends.DESCRIPTIONS}
     assert set(validation.FLOAT_DTYPES) == {d for b in backends.DESCRIPTIONS for d in b.dtypes}
-    assert CHOICES["ri_form"] == reference.RI_FORMS and CHOICES["margin_mode"] == reference.MARGIN_MODES
+    assert CHOICES["ri_form"] == contract.RI_FORMS and CHOICES["margin_mode"] == contract.MARGIN_MODES
 
 
 def test_auto_takes_the_first_description_that_runs_the_op():
@@ -151,7 +151,7 @@ def test_float64_scalars_keep_their_precision():
         protos = inputs["prototypes"].clone().requires_grad_()
         out = arcface_head(emb, protos, inputs["labels"], inputs["ui_center"], backend=backend, **options)
         outs[backend] = (*out, *torch.autograd.grad(out.loss, (emb, protos)))
-    for field, ours, ref in zip(reference.HeadOutput._fields + ("grad e", "grad w"), outs["cpu"], outs["reference"]):
+    for field, ours, ref in zip(contract.HeadOutput._fields + ("grad e", "grad w"), outs["cpu"], outs["reference"]):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, equal_nan=True, msg=field)
 
     aux = aux_inputs(19, 11, seed=4, dtype=torch.float64)
@@ -159,7 +159,7 @@ def test_float64_scalars_keep_their_precision():
                    embeddings=aux["embeddings"], ui_center=aux["ui_center"], recognizable=aux["recognizable"])
     cpu = ree_aux_loss(aux["ri_pred"], aux["ri_target"], 0.1, backend="cpu", **options)
     ref = ree_aux_loss(aux["ri_pred"], aux["ri_target"], 0.1, backend="reference", **options)
-    for field in reference.AuxOutput._fields:
+    for field in contract.AuxOutput._fields:
         torch.testing.assert_close(getattr(cpu, field), getattr(ref, field), rtol=1e-12, atol=1e-12, msg=field)
 
 
@@ -382,8 +382,8 @@ def undetached_statistics(emb, protos, labels, ui_center, ri_form, ignore_index=
     logits = reference.arcface_logits(emb, protos, labels, ignore_index=ignore_index)
     cos_neg, _ = logits.cos.masked_fill(logits.target, -math.inf).max(1)
     cos_neg = torch.where(cos_neg == -math.inf, -1.0, cos_neg)
-    cos_ui = None if ui_center is None else reference.cosine_to_ui(emb, ui_center)
-    ri = reference.recognizability_index(logits.cos_label, cos_neg, cos_ui, ri_form, detach=False)
+    cos_ui = None if ui_center is None else statistics.cosine_to_ui(emb, ui_center)
+    ri = statistics.recognizability_index(logits.cos_label, cos_neg, cos_ui, ri_form, detach=False)
     nan_where = lambda x: torch.where(logits.has_target, x, math.nan)  # noqa: E731
     return (nan_where(logits.cos_label), cos_neg,
             torch.full_like(cos_neg, math.nan) if cos_ui is None else cos_ui, nan_where(ri))
@@ -407,7 +407,7 @@ def statistic_gradients(inputs, dtype, ri_form, backend=None):
         outs = [arcface_head(emb, protos, inputs["labels"], ui, ri_form=ri_form, backend=backend,
                              differentiable_stats=flag) for flag in (False, True)]
         assert not any(t.requires_grad for t in outs[0][1:]), "the statistics carry no gradient by default"
-        for name in reference.HeadOutput._fields:
+        for name in contract.HeadOutput._fields:
             plain, with_grad = (getattr(out, name).detach() for out in outs)
             assert torch.equal(plain.nan_to_num(7.0), with_grad.nan_to_num(7.0)), f"{name} changed value"
         stats = (outs[1].cos_pos, outs[1].cos_neg, outs[1].cos_ui, outs[1].ri)
@@ -459,6 +459,6 @@ def test_public_functions_document_what_they_raise():
                if (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, torch.nn.Module)))
                and "Raises:" not in (inspect.getdoc(obj) or "")]
     assert missing == []
-    for output in (reference.HeadOutput, reference.AuxOutput):
+    for output in (contract.HeadOutput, contract.AuxOutput):
         doc = inspect.getdoc(output)
         assert all(f"{field}:" in doc for field in output._fields), output.__name__

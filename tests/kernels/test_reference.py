@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ree_kernels import arcface_head, ree_aux_loss, reference
+from ree_kernels import arcface_head, contract, ree_aux_loss, reference
 from support import aux_inputs, head_inputs
 
 
@@ -89,9 +89,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", reference.MARGIN_MODES)
-@pytest.mark.parametrize("form", reference.RI_FORMS)
-@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("mode", contract.MARGIN_MODES)
+@pytest.mark.parametrize("form", contract.RI_FORMS)
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_reference_matches_naive_loop(mode, form, reduction, case):
     inputs = head_inputs(11, 23, 9, seed=100 + case, dtype=torch.float64, **CASES[case])
@@ -140,7 +140,7 @@ def test_single_class_has_no_negative():
 
 
 @pytest.mark.parametrize("mode", ["arcface", "arcface_easy", "cosface"])
-@pytest.mark.parametrize("reduction", reference.REDUCTIONS)
+@pytest.mark.parametrize("reduction", contract.REDUCTIONS)
 def test_gradcheck_head(mode, reduction):
     inputs = head_inputs(5, 7, 4, seed=7, dtype=torch.float64, ignored=1, weights=True, plant=())
     emb = inputs["embeddings"].requires_grad_()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ree_kernels import UITracker, reference
+from ree_kernels import UITracker, contract
 
 
 def test_first_update_sets_then_blends():
@@ -10,12 +10,12 @@ def test_first_update_sets_then_blends():
     assert tracker.center_or_none() is None
     emb1, ri1 = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
     tracker.update(emb1, ri1)
-    mean1 = reference.normalize(emb1).mean(0)
+    mean1 = contract.normalize(emb1).mean(0)
     torch.testing.assert_close(tracker.center, mean1)
     torch.testing.assert_close(tracker.mu, ri1.mean())
     emb2, ri2 = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
     tracker.update(emb2, ri2)
-    torch.testing.assert_close(tracker.center, 0.75 * mean1 + 0.25 * reference.normalize(emb2).mean(0))
+    torch.testing.assert_close(tracker.center, 0.75 * mean1 + 0.25 * contract.normalize(emb2).mean(0))
     torch.testing.assert_close(tracker.mu, 0.75 * ri1.mean() + 0.25 * ri2.mean())
     assert tracker.center_or_none() is tracker.center
 

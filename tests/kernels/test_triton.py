@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ree_kernels
-from ree_kernels import reference
+from ree_kernels import contract, reference
 from support import aux_inputs, compare_aux, compare_head, head_inputs
 
 triton = pytest.importorskip("triton")
@@ -30,7 +30,7 @@ def _margin_probe(cos_ptr, phi_ptr, dphi_ptr, n, margin, cos_m, sin_m, threshold
     tl.store(dphi_ptr + offs, dphi, mask=ok)
 
 
-@pytest.mark.parametrize("margin_mode", reference.MARGIN_MODES)
+@pytest.mark.parametrize("margin_mode", contract.MARGIN_MODES)
 def test_margin_formula_matches_reference_autograd(margin_mode):
     """φ and φ′ against reference.margin_logit and its autograd, across both branches, the
     fallback threshold and the SIN_EPS clamp at cos = ±1."""
@@ -97,10 +97,10 @@ def _peaky_inputs(batch: int, classes: int, dim: int, *, seed: int, target_cos: 
     """Scores as in training: each embedding at a cosine drawn from `target_cos` (lo, hi) to its
     own prototype, the other prototypes random (cosines ~ N(0, 1/D))."""
     g = torch.Generator().manual_seed(seed)
-    protos = reference.normalize(torch.randn(classes, dim, generator=g, dtype=torch.float64))
+    protos = contract.normalize(torch.randn(classes, dim, generator=g, dtype=torch.float64))
     labels = torch.randint(0, classes, (batch,), generator=g)
-    noise = reference.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64))
-    noise = reference.normalize(noise - (noise * protos[labels]).sum(1, keepdim=True) * protos[labels])
+    noise = contract.normalize(torch.randn(batch, dim, generator=g, dtype=torch.float64))
+    noise = contract.normalize(noise - (noise * protos[labels]).sum(1, keepdim=True) * protos[labels])
     lo, hi = target_cos
     cos = (lo + (hi - lo) * torch.rand(batch, 1, generator=g, dtype=torch.float64))
     emb = cos * protos[labels] + (1 - cos ** 2).sqrt() * noise

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ree.losses import REELoss
-from ree_kernels import reference
+from ree_kernels import contract, reference, statistics
 
 B, UI, D, C = 12, 4, 16, 7
 
@@ -31,10 +31,10 @@ def make_loss(**kwargs):
 def hand_composition(loss, emb, ri_pred, attn, labels, is_ui, center, mu):
     """docs/spec.md §1 composed by hand from the reference ops, given the tracker's new state."""
     rec = ~is_ui
-    head = reference.arcface_head(emb, loss.head.weight, labels, center, scale=16.0, margin=0.4,
+    head = reference.arcface_head_reference(emb, loss.head.weight, labels, center, scale=16.0, margin=0.4,
                                   sample_weight=rec.double())
     keep = labels != -100
-    aux = reference.ree_aux_loss(ri_pred[keep], head.ri[keep], mu, tau=0.3, beta=0.75, attn=attn[keep],
+    aux = reference.ree_aux_loss_reference(ri_pred[keep], head.ri[keep], mu, tau=0.3, beta=0.75, attn=attn[keep],
                                  embeddings=emb[keep], ui_center=center, recognizable=rec[keep],
                                  weights=loss.weights)
     return head, aux
@@ -49,8 +49,8 @@ def test_components_match_hand_composition(unlabeled_uis):
     loss.tracker.update(prior_center[None].double(), torch.tensor([0.25], dtype=torch.float64))
     out = loss(emb, labels, ri_pred, attn, is_ui)
 
-    batch_center = reference.normalize(emb[is_ui].detach()).mean(0)
-    center = 0.5 * reference.normalize(prior_center.double()) + 0.5 * batch_center
+    batch_center = contract.normalize(emb[is_ui].detach()).mean(0)
+    center = 0.5 * contract.normalize(prior_center.double()) + 0.5 * batch_center
     mu = 0.5 * 0.25 + 0.5 * ri_pred[is_ui].detach().mean()
     torch.testing.assert_close(loss.tracker.center.double(), center, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss.tracker.mu.double(), mu, rtol=1e-6, atol=1e-6)
@@ -76,7 +76,7 @@ def test_first_batch_sets_the_ui_centre_before_the_losses():
     loss = make_loss()
     assert loss.tracker.center_or_none() is None
     out = loss(emb, labels, ri_pred, attn, is_ui)
-    torch.testing.assert_close(loss.tracker.center.double(), reference.normalize(emb[is_ui].detach()).mean(0),
+    torch.testing.assert_close(loss.tracker.center.double(), contract.normalize(emb[is_ui].detach()).mean(0),
                                rtol=1e-6, atol=1e-6)
     assert out.mse > 0  # the PAM target needs the centre, which the first batch already has
 
@@ -86,7 +86,7 @@ def test_no_uis_yet_means_no_centre_and_no_mse():
     loss = make_loss()
     out = loss(emb, labels, ri_pred, attn, torch.zeros(B + UI, dtype=torch.bool))
     assert float(out.mse) == 0.0 and not bool(loss.tracker.initialized)
-    head = reference.arcface_head(emb, loss.head.weight, labels, scale=16.0, margin=0.4)
+    head = reference.arcface_head_reference(emb, loss.head.weight, labels, scale=16.0, margin=0.4)
     torch.testing.assert_close(out.cls, head.loss.detach())
 
 
@@ -115,7 +115,7 @@ def test_uis_get_no_classification_gradient():
     # the UIs are not in L_ID / L_MSE either: the PAM output of a UI gets no gradient
     assert torch.count_nonzero(g_attn[is_ui]) == 0 and torch.count_nonzero(g_attn[~is_ui]) > 0
     # the prototypes see only the recognizable rows
-    rec_only = reference.arcface_head(emb[~is_ui], loss.head.weight, labels[~is_ui], scale=16.0, margin=0.4)
+    rec_only = reference.arcface_head_reference(emb[~is_ui], loss.head.weight, labels[~is_ui], scale=16.0, margin=0.4)
     torch.testing.assert_close(g_w, torch.autograd.grad(rec_only.loss, loss.head.weight)[0])
 
 
@@ -142,14 +142,14 @@ def test_baseline_is_plain_arcface_on_the_same_path():
     loss = make_loss(method="arcface")
     rec = ~is_ui
     out = loss(emb, labels, ri_pred, attn, is_ui)
-    expected = reference.arcface_head(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4).loss
+    expected = reference.arcface_head_reference(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4).loss
     torch.testing.assert_close(out.total, expected)
     assert float(out.l1) == float(out.id) == float(out.mse) == 0.0
     assert not bool(loss.tracker.initialized)
     g_ri, g_attn = torch.autograd.grad(out.total, (ri_pred, attn), allow_unused=True)
     assert g_ri is None and g_attn is None
     # no PRM output needed
-    torch.testing.assert_close(loss(emb, labels).total, reference.arcface_head(
+    torch.testing.assert_close(loss(emb, labels).total, reference.arcface_head_reference(
         emb, loss.head.weight, labels, scale=16.0, margin=0.4).loss)
 
 
@@ -191,7 +191,8 @@ def test_crfiqa_regresses_the_certainty_ratio_only():
     loss = make_loss(method="crfiqa", ri_form="product", beta=0.75)
     rec = ~is_ui
     out = loss(emb[rec], labels[rec], ri_pred[rec], attn[rec])
-    head = reference.arcface_head(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4, ri_form="crfiqa")
+    head = reference.arcface_head_reference(emb[rec], loss.head.weight, labels[rec], scale=16.0, margin=0.4,
+                                            ri_form="crfiqa")
     expected_l1 = reference.smooth_l1(ri_pred[rec] - head.ri, 0.5).mean()  # CR-FIQA's β = 0.5
     torch.testing.assert_close(out.total, head.loss + 10.0 * expected_l1)
     torch.testing.assert_close(out.ri, head.ri)
@@ -206,15 +207,15 @@ def test_diversion_on_the_true_ri_pushes_the_embeddings():
     out_p = predicted(emb, labels, ri_pred, attn, is_ui)
     out_t = true(emb, labels, ri_pred, attn, is_ui)
     center = true.tracker.center
-    head = reference.arcface_head(emb, true.head.weight, labels, center, scale=16.0, margin=0.4,
+    head = reference.arcface_head_reference(emb, true.head.weight, labels, center, scale=16.0, margin=0.4,
                                   sample_weight=(~is_ui).double())
     # the statistics as differentiable functions of the embeddings (the reference's are detached)
-    cos = reference.normalize(emb) @ reference.normalize(true.head.weight).T
+    cos = contract.normalize(emb) @ contract.normalize(true.head.weight).T
     cos_pos = cos.gather(1, labels[:, None]).squeeze(1)
     cos_neg = cos.scatter(1, labels[:, None], -2.0).max(1).values
-    cos_ui = reference.normalize(emb) @ reference.normalize(center.double())
+    cos_ui = contract.normalize(emb) @ contract.normalize(center.double())
     torch.testing.assert_close(cos_neg.detach(), head.cos_neg)
-    ri = reference.recognizability_index(cos_pos, cos_neg, cos_ui, detach=False)
+    ri = statistics.recognizability_index(cos_pos, cos_neg, cos_ui, detach=False)
     keep = ~is_ui
     expected = torch.relu(true.tracker.mu + 0.3 - ri[keep]).mean()
     torch.testing.assert_close(out_t.id, expected.detach())

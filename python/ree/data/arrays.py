@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ree_kernels.reference import IGNORE_INDEX
+from ree_kernels.contract import IGNORE_INDEX
 
 IGNORE_LABEL = IGNORE_INDEX  # gallery distractors and unlabelled images (docs/spec.md §7, ignore_index)
 
