@@ -45,6 +45,8 @@ FIELD_HELP = {
                  "a pretrained backbone on little data or compute)",
     "cache_prefix": "with --trainable last-stage: run the frozen part once per training image (one VLR copy and one "
                     "UI each, drawn by --seed) and train from the stored features (ree.prefix_cache)",
+    "imprint": "with --cache-prefix: start the prototypes at the normalised class means of the pretrained model's "
+               "embeddings of the cached copies (weight imprinting)",
     "method": "ree (REE), arcface (the plain ArcFace baseline) or crfiqa (CR-FIQA)",
     "scale": "the ArcFace scale s",
     "margin": "the ArcFace angular margin m, in radians",
@@ -144,6 +146,7 @@ class TrainConfig:
     prm_input: str = "embedding"
     trainable: str = "all"
     cache_prefix: bool = False
+    imprint: bool = False
     # method and loss (docs/spec.md §1, §3)
     method: str = "ree"
     scale: float = 64.0
@@ -224,6 +227,10 @@ class TrainConfig:
                 raise ConfigError(f"init {self.init!r} (SFace) needs arch 'sface', got {self.arch!r}")
         if not isinstance(self.cache_prefix, bool):
             raise ConfigError(f"cache_prefix must be true or false, got {self.cache_prefix!r}")
+        if not isinstance(self.imprint, bool):
+            raise ConfigError(f"imprint must be true or false, got {self.imprint!r}")
+        if self.imprint and not self.cache_prefix:
+            raise ConfigError("imprint needs cache_prefix (the class means come from the cached features)")
         if self.cache_prefix and self.trainable != "last-stage":
             raise ConfigError("cache_prefix needs trainable 'last-stage' (a trained prefix's features change every "
                               f"step), got trainable {self.trainable!r}")

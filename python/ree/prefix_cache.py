@@ -79,6 +79,11 @@ def build_prefix_cache(model: REEModel, dataset: Any, *, seed: int, min_resoluti
         raise ValueError("the training set is empty: nothing to cache")
     generator = torch.Generator().manual_seed(seed)
     size = model.input_size
+    # drawn for the whole set first: an item's copy does not depend on the batch it is cached in
+    flips = torch.rand(n, generator=generator) < 0.5
+    sides = (torch.randint(min_resolution, size + 1, (n,), generator=generator) if min_resolution
+             else torch.full((n,), size))
+    ui_draws = draw_uis(n, 3, generator, max_res=ui_max_resolution) if uis else None
     device = next(model.parameters()).device
     features, ui_features, labels = [], [], []
     was_training = model.training
@@ -91,19 +96,44 @@ def build_prefix_cache(model: REEModel, dataset: Any, *, seed: int, min_resoluti
     try:
         with torch.no_grad():
             for start in chunks:
-                images, chunk_labels = fetch_batch(dataset, range(start, min(start + batch_size, n)))
-                flip = torch.rand(images.shape[0], generator=generator) < 0.5
-                images = torch.where(flip[:, None, None, None], images.flip(3), images)
-                if min_resolution:
-                    sides = torch.randint(min_resolution, size + 1, (images.shape[0],), generator=generator)
-                    images = downsample(images, sides)
+                rows = slice(start, min(start + batch_size, n))
+                images, chunk_labels = fetch_batch(dataset, range(rows.start, rows.stop))
+                images = torch.where(flips[rows, None, None, None], images.flip(3), images)
+                images = downsample(images, sides[rows])
                 features.append(model.prefix(images.to(device)).to("cpu", CACHE_DTYPE))
-                if uis:
-                    draws = draw_uis(images.shape[0], images.shape[1], generator, max_res=ui_max_resolution)
-                    made = synthesize_uis(images, draws=draws, min_res=ui_min_resolution, max_res=ui_max_resolution)
+                if ui_draws is not None:
+                    made = synthesize_uis(images, draws=ui_draws.rows(rows), min_res=ui_min_resolution,
+                                          max_res=ui_max_resolution)
                     ui_features.append(model.prefix(made.to(device)).to("cpu", CACHE_DTYPE))
                 labels.append(chunk_labels)
     finally:
         model.train(was_training)
     return PrefixCache(torch.cat(features), torch.cat(labels), torch.cat(ui_features) if uis else None)
 
+
+def imprinted_prototypes(model: REEModel, cache: PrefixCache, num_classes: int, batch_size: int = 512
+                         ) -> torch.Tensor:
+    """The normalised mean of each class's normalised embeddings of the cached training copies,
+    [num_classes, D] float32 on the CPU (weight imprinting, Qi et al., "Low-Shot Learning with
+    Imprinted Weights", CVPR 2018): new prototypes that already agree with a pretrained
+    backbone, so the first steps do not pull its features towards random directions.
+
+    Raises:
+        ValueError: a class in 0..num_classes-1 without a cached image.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(num_classes, model.embedding_size)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(cache), batch_size):
+                rows = cache.features[start:start + batch_size].to(device, torch.float32)
+                v = torch.nn.functional.normalize(model.forward_from_prefix(rows).embedding.float().cpu(), dim=1)
+                sums.index_add_(0, cache.labels[start:start + batch_size], v)
+    finally:
+        model.train(was_training)
+    empty = torch.nonzero(sums.norm(dim=1) == 0).flatten()
+    if empty.numel():
+        raise ValueError(f"class {int(empty[0])} has no cached image to imprint its prototype from")
+    return torch.nn.functional.normalize(sums, dim=1)

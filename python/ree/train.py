@@ -38,7 +38,7 @@ from .distributed import Ranks
 from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
 from .models.ree_model import REEModel
-from .prefix_cache import PrefixCache, build_prefix_cache
+from .prefix_cache import PrefixCache, build_prefix_cache, imprinted_prototypes
 from .pretrained import load_pretrained
 from .sampler import EpochBatchSampler
 from .schedule import WarmupSchedule
@@ -133,6 +133,9 @@ class Trainer:
                 self.model, self.dataset, seed=config.seed, min_resolution=config.min_resolution,
                 uis=config.uis_per_batch > 0, ui_min_resolution=config.ui_min_resolution,
                 ui_max_resolution=config.ui_max_resolution, progress=config.progress)
+        if config.imprint and resume is None:
+            with torch.no_grad():
+                self.criterion.head.weight.copy_(imprinted_prototypes(self.model, self.prefix_cache, self.num_classes))
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

@@ -52,6 +52,7 @@ class Budget:
     init: Optional[str] = None
     trainable: str = "all"
     cache_prefix: bool = False
+    imprint: bool = False
 
     def config(self, method: str, output_dir: Path, seed: int, split: str = "test", **overrides: Any) -> TrainConfig:
         """The TrainConfig of one run on `split`'s training people (its `data` names them, so that
@@ -62,7 +63,7 @@ class Budget:
                       arch=self.arch, input_size=self.input_size,
                       steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                       min_resolution=self.min_resolution, seed=seed, save_every=self.steps, init=self.init,
-                      trainable=self.trainable, cache_prefix=self.cache_prefix,
+                      trainable=self.trainable, cache_prefix=self.cache_prefix, imprint=self.imprint,
                       log_every=max(self.steps // 40, 1), tensorboard=False)
         values.update(overrides)
         return TrainConfig(**values)
@@ -91,7 +92,7 @@ def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[
 
 
 PRETRAINED = Budget(arch="sface", input_size=112, init="sface", trainable="last-stage", cache_prefix=True,
-                    steps=150, batch_size=128, lr=0.01, warmup_steps=15)
+                    imprint=True, steps=150, batch_size=128, lr=0.01, warmup_steps=15)
 """The pretrained suite: SFace's last stage, embedding layer and the new heads fine-tuned on
 features of its frozen prefix (`ree.prefix_cache`), one cache shared by every method and seed.
 Its size fits the suite's 3 methods × 3 seeds and the off-the-shelf model into an hour on two

@@ -55,7 +55,7 @@ BLOCKS: Tuple[Tuple[int, int, int], ...] = (
 """The depthwise-separable units (in channels, out channels, stride of the depthwise conv)."""
 LAST_STAGE_START = 2 * (len(BLOCKS) - 1)
 """The index in `SFaceBackbone.layers` of the 1 × 1 convolution to 1024 channels: the layers from
-there on (three convolutions at 7 × 7, 2.1 M weights) are the last stage that
+there on (three convolutions at 7 × 7, 1.6 M weights) are the last stage that
 trainable="last-stage" fine-tunes with the output layer."""
 
 
