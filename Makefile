@@ -87,8 +87,8 @@ cuda-check: install
 # cuda-spill-check. About 11 minutes from nothing on 2 shared cores (the two builds ~1.5 and ~2.5).
 EMULATION_LIB := build/cuda-emulation/ree_cuda_emulation/ree_cuda_emulation.so
 EMULATION_ASAN_LIB := build/cuda-emulation/ree_cuda_emulation_asan/ree_cuda_emulation_asan.so
-EMULATION_SUITES := tests/test_head_kernels.py tests/test_aux_kernels.py tests/test_compile.py tests/test_cuda_emulation.py \
-  tests/test_head_sampled.py
+EMULATION_SUITES := tests/kernels/test_head_kernels.py tests/kernels/test_aux_kernels.py tests/kernels/test_compile.py \
+  tests/kernels/test_cuda_emulation.py tests/kernels/test_head_sampled.py
 # Every kernel, dtype and margin mode, the chunk loop and the splits: a subset, as ASan is slower.
 EMULATION_ASAN_TESTS := test_matches_reference_every_dtype or test_chunk_edges or test_chunk_sizes_that_leave \
   or test_sampled_small_chunks

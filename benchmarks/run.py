@@ -345,6 +345,115 @@ def busy_warning(load: Optional[float]) -> Optional[str]:
             "machine (or compare with --threads 1)")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What every file of one run is named and stamped with."""
+
+    label: str
+    device: str
+    device_name: str
+    commit: str
+    timestamp: str
+    load_start: Optional[float]
+
+    @property
+    def resolution_mb(self) -> float:
+        return harness.CUDA_RESOLUTION_MB if self.device == "cuda" else harness.RSS_RESOLUTION_MB
+
+
+def announce(args: argparse.Namespace, device: str) -> Tuple[Setting, Optional[str]]:
+    """The run's setting, printed with the busy-machine warning (also returned) when there is one."""
+    custom = any(v for v in (args.shape, args.kernels, args.providers, args.modes, args.dtype, args.device))
+    setting = Setting(label=args.suite + ("-custom" if custom else ""), device=device,
+                      device_name=report.device_name(device), commit=report.git_commit(ROOT),
+                      timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), load_start=load_average())
+    print(f"suite {setting.label} on {setting.device_name} (torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, load {setting.load_start}), commit {setting.commit}, inputs at cos_pos {args.cos_pos}", flush=True)
+    busy = busy_warning(setting.load_start)
+    if busy:
+        print(busy, flush=True)
+    return setting, busy
+
+
+def measure_sweeps(args: argparse.Namespace, device: str, budget: Budget, sweeps: Sequence[Sweep]) -> Run:
+    run = Run(args, device, budget)
+    for sweep in sweeps:
+        print(f"sweep {sweep.name}: {sweep.kernel} {sweep.dtype}, {', '.join(sweep.providers)}", flush=True)
+        for shape in sweep.shapes:
+            for provider in sweep.providers:
+                run.measure(sweep, shape, provider)
+    return run
+
+
+def write_csvs(run: Run, out: Path, setting: Setting) -> List[Path]:
+    """One CSV per kernel measured."""
+    written = []
+    for kernel in KERNELS:
+        mine = {k: v for k, v in run.results.items() if k.kernel == kernel}
+        if mine:
+            path = out / f"{kernel}_{setting.device_name}_{setting.label}.csv"
+            report.write_csv(path, report.csv_rows(mine, setting.device_name, setting.commit, setting.timestamp))
+            written.append(path)
+    return written
+
+
+def write_plots(run: Run, sweeps: Sequence[Sweep], out: Path, setting: Setting,
+                mode_notes: Dict[Tuple[str, str], str]) -> Tuple[List[Path], List[str]]:
+    """One PNG per sweep measured; (the PNGs, why plotting stopped if it did)."""
+    written, notes = [], []
+    for sweep in sweeps:
+        if not any(k.kernel == sweep.kernel for k in run.results):
+            continue
+        path = out / f"{sweep.kernel}_{setting.device_name}_{setting.label}_{sweep.name}.png"
+        title = f"{sweep.kernel} {sweep.dtype} on {setting.device_name} ({setting.label}, {setting.commit})"
+        footnotes = [note for (kernel, provider), note in mode_notes.items()
+                     if kernel == sweep.kernel and provider in sweep.providers and set(sweep.modes) - {"full"}]
+        why_not = report.plot_sweep(path, title, sweep.kernel, sweep.shapes, sweep.providers, sweep.modes,
+                                    sweep.dtype, run.results, footnotes)
+        if why_not:
+            notes.append(why_not)
+            break
+        written.append(path)
+    return written, notes
+
+
+def write_summary(run: Run, args: argparse.Namespace, budget: Budget, setting: Setting,
+                  mode_notes: Dict[Tuple[str, str], str]) -> Path:
+    path = args.out / f"summary_{setting.device_name}_{setting.label}.json"
+    report.write_json(path, {
+        "suite": setting.label, "device": setting.device_name, "commit": setting.commit,
+        "timestamp": setting.timestamp, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_average_1min": {"start": setting.load_start, "end": load_average()},
+        "cos_pos": args.cos_pos, "seed": args.seed, "grad_filter_eps": FILTER_EPS,
+        "budget": asdict(budget),
+        "workspace": "peak memory of forward+backward minus the memory before it and the returned "
+                     "gradients (docs/spec.md §4); CPU: peak RSS in a fresh process; MB = 2**20 bytes",
+        "workspace_resolution_mb": setting.resolution_mb,
+        "ratios": report.ratios(run.results, setting.resolution_mb),
+        "approximation_errors": run.accuracy,
+        "notes": [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()],
+        "skipped": [{"kernel": k, "provider": p, "reason": r, "where": w} for (k, p, r), w in run.skipped.items()],
+        "failures": run.failures,
+    })
+    return path
+
+
+def print_outcome(run: Run, setting: Setting, notes: List[str], written: List[Path]) -> None:
+    print()
+    for (kernel, provider, reason), where in run.skipped.items():
+        print(f"skipped {kernel}/{provider} ({len(where)}x): {reason}")
+    for note in notes:
+        print(f"note: {note}")
+    for record in run.accuracy:
+        print(error_text(record))
+    for failure in run.failures:
+        print(f"FAILED {failure}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(f"\n{setting.label} on {setting.device_name}, commit {setting.commit}; p50 ms; "
+          "work = workspace (docs/spec.md §4) of fwd+bwd")
+    print(report.summary_table(run.results, setting.resolution_mb))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.mem_worker:
@@ -357,88 +466,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"suite {args.suite!r} runs on CUDA, and there is no CUDA device here", file=sys.stderr)
         return 2
     sweeps = selected_sweeps(suite, args)
-    custom = any(v for v in (args.shape, args.kernels, args.providers, args.modes, args.dtype, args.device))
-    label = args.suite + ("-custom" if custom else "")
-    device_name = report.device_name(device)
-    commit = report.git_commit(ROOT)
-    timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    load_start = load_average()
-    print(f"suite {label} on {device_name} (torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load {load_start}), commit {commit}, inputs at cos_pos {args.cos_pos}", flush=True)
-    busy = busy_warning(load_start)
-    if busy:
-        print(busy, flush=True)
-
+    setting, busy = announce(args, device)
     budget = suite.budget
     if args.repeats:
         budget = replace(budget, warmup_s=0.0, min_reps=args.repeats, max_reps=args.repeats)
-    run = Run(args, device, budget)
-    for sweep in sweeps:
-        print(f"sweep {sweep.name}: {sweep.kernel} {sweep.dtype}, {', '.join(sweep.providers)}", flush=True)
-        for shape in sweep.shapes:
-            for provider in sweep.providers:
-                run.measure(sweep, shape, provider)
+    run = measure_sweeps(args, device, budget, sweeps)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for kernel in KERNELS:
-        mine = {k: v for k, v in run.results.items() if k.kernel == kernel}
-        if mine:
-            path = args.out / f"{kernel}_{device_name}_{label}.csv"
-            report.write_csv(path, report.csv_rows(mine, device_name, commit, timestamp))
-            written.append(path)
-    notes = []
+    written = write_csvs(run, args.out, setting)
     # fwd and bwd alone mislead for providers that compute the gradients in the forward.
     split_modes = {(k.kernel, k.provider) for k in run.results if k.mode in ("fwd", "bwd")}
     mode_notes = {kp: note for kp in sorted(split_modes) if (note := gradients_in_forward(*kp))}
-    if not args.no_plot:
-        for sweep in sweeps:
-            if not any(k.kernel == sweep.kernel for k in run.results):
-                continue
-            path = args.out / f"{sweep.kernel}_{device_name}_{label}_{sweep.name}.png"
-            title = f"{sweep.kernel} {sweep.dtype} on {device_name} ({label}, {commit})"
-            footnotes = [note for (kernel, provider), note in mode_notes.items()
-                         if kernel == sweep.kernel and provider in sweep.providers and set(sweep.modes) - {"full"}]
-            why_not = report.plot_sweep(path, title, sweep.kernel, sweep.shapes, sweep.providers, sweep.modes,
-                                        sweep.dtype, run.results, footnotes)
-            if why_not:
-                notes.append(why_not)
-                break
-            written.append(path)
-    resolution_mb = harness.CUDA_RESOLUTION_MB if device == "cuda" else harness.RSS_RESOLUTION_MB
-    summary_path = args.out / f"summary_{device_name}_{label}.json"
-    report.write_json(summary_path, {
-        "suite": label, "device": device_name, "commit": commit, "timestamp": timestamp,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "load_average_1min": {"start": load_start, "end": load_average()},
-        "cos_pos": args.cos_pos, "seed": args.seed, "grad_filter_eps": FILTER_EPS,
-        "budget": asdict(budget),
-        "workspace": "peak memory of forward+backward minus the memory before it and the returned "
-                     "gradients (docs/spec.md §4); CPU: peak RSS in a fresh process; MB = 2**20 bytes",
-        "workspace_resolution_mb": resolution_mb,
-        "ratios": report.ratios(run.results, resolution_mb),
-        "approximation_errors": run.accuracy,
-        "notes": [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()],
-        "skipped": [{"kernel": k, "provider": p, "reason": r, "where": w} for (k, p, r), w in run.skipped.items()],
-        "failures": run.failures,
-    })
-    written.append(summary_path)
-
-    print()
-    for (kernel, provider, reason), where in run.skipped.items():
-        print(f"skipped {kernel}/{provider} ({len(where)}x): {reason}")
-    notes += [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()]
-    if busy:
-        notes.append(busy)
-    for note in notes:
-        print(f"note: {note}")
-    for record in run.accuracy:
-        print(error_text(record))
-    for failure in run.failures:
-        print(f"FAILED {failure}")
-    print("wrote " + ", ".join(str(p) for p in written))
-    print(f"\n{label} on {device_name}, commit {commit}; p50 ms; work = workspace (docs/spec.md §4) of fwd+bwd")
-    print(report.summary_table(run.results, resolution_mb))
+    plots, notes = ([], []) if args.no_plot else write_plots(run, sweeps, args.out, setting, mode_notes)
+    written += plots
+    written.append(write_summary(run, args, budget, setting, mode_notes))
+    notes += [f"{kernel}/{note}" for (kernel, _), note in mode_notes.items()] + ([busy] if busy else [])
+    print_outcome(run, setting, notes, written)
     return 1 if run.failures else 0
 
 

@@ -144,7 +144,6 @@ Tensor inverse_norms(const Tensor& x, ElemType type, cudaStream_t stream, const 
   return inv;
 }
 
-// ui_center as the kernels read it: [D] float32 on the inputs' device, or undefined without one.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> head_forward_cuda(
     const Tensor& embeddings, const Tensor& prototypes, const Tensor& labels, double scale, double margin,
     c10::string_view margin_mode, int64_t ignore_index, int64_t chunk_size, double grad_filter_eps,

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="'synthetic' (its test split), an ImageFolder directory or a .rec file "
                           "(every image); default: the checkpoint's training source")
     evaluate.add_argument("--pairs", type=int, default=6000, help="verification pairs (fewer if the set is small)")
-    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when present), cpu or cuda")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help=FIELD_HELP["device"])
 
     quality = sub.add_parser(
         "quality",
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folder searched recursively (linked folders too) for face crops framed as below")
     quality.add_argument("--output", type=Path, required=True, help="CSV file to write")
     quality.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    quality.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA when present), cpu or cuda")
+    quality.add_argument("--device", choices=DEVICES, default="auto", help=FIELD_HELP["device"])
     export = sub.add_parser("export", help="write ONNX (outputs: embedding, quality), checked with onnxruntime",
                             parents=[debug])
     export.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by ree train")

@@ -1,7 +1,7 @@
 """`REELoss`: the REE training objective (docs/spec.md §1) on the fused ops, and the ArcFace baseline."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -9,10 +9,7 @@ from torch import nn
 
 import ree_kernels
 from ree_kernels import UITracker, reference
-from ree_kernels.distributed import ShardedArcFaceHead
-from ree_kernels.reference import IGNORE_INDEX
-
-from .models.arcface import ArcFaceHead
+from ree_kernels.modules import make_arcface_head
 
 METHODS = ("ree", "arcface", "crfiqa")
 DIVERSION_TARGETS = ("predicted", "true")
@@ -43,7 +40,8 @@ class LossOutput(NamedTuple):
 class REELoss(nn.Module):
     """L = L_cls + λ_L1·L_L1 + λ_ID·L_ID + λ_MSE·L_MSE (docs/spec.md §1.9), with the UI bookkeeping.
 
-    Owns the ArcFace prototypes (`self.head`, an `ArcFaceHead`) and the `UITracker` (ū, μ_UI).
+    Owns the ArcFace prototypes (`self.head`, from `ree_kernels.modules.make_arcface_head`) and the
+    `UITracker` (ū, μ_UI).
     A batch holds recognizable rows and UIs (`is_ui`, docs/spec.md §1.10): UIs get sample weight 0 in
     L_cls and `recognizable=False` in L_ID and L_MSE; they feed ū, μ_UI and L_L1. A UI whose
     label is `ignore_index` (a non-face crop) has no RI target, so it feeds ū and μ_UI only.
@@ -63,13 +61,20 @@ class REELoss(nn.Module):
     `diversion_target="true"` applies L_ID to the head's RI itself, made differentiable through
     cos_pos, cos_neg and cos_ui (an ablation of docs/spec.md §1.6, which applies it to ξ̂).
 
-    `seed` fixes the prototype init (`ArcFaceHead(seed=...)`; None: the global RNG). With a
-    `process_group` the loss runs on each rank's rows of the global batch: the head is a
-    `ShardedArcFaceHead` over the group (this rank's classes; L_cls is the global batch's) and
-    the tracker sums the UI statistics over the ranks, so every rank keeps the same ū and μ_UI.
-    The aux losses stay means over this rank's rows (DDP averages them). `sample_rate` < 1 is
-    PartialFC's class sampling in the head (`ArcFaceHead`, `ShardedArcFaceHead`): L_cls and the
-    head's statistics (cos_neg, the RI) are then over each step's sampled classes.
+    `head_options` are the head's keywords (`ree_kernels.modules.ArcFaceHead`: scale, margin,
+    margin_mode, ri_form, ignore_index, backend, seed, sample_rate, ...), with its defaults. `seed`
+    fixes the prototype init (None: the global RNG). With a `process_group` the loss runs on each
+    rank's rows of the global batch: the head is a `ShardedArcFaceHead` over the group (this
+    rank's classes; L_cls is the global batch's; the same prototypes as one process at the same
+    seed) and the tracker sums the UI statistics over the ranks, so every rank keeps the same ū
+    and μ_UI. The aux losses stay means over this rank's rows (DDP averages them). `sample_rate`
+    < 1 is PartialFC's class sampling in the head: L_cls and the head's statistics (cos_neg, the
+    RI) are then over each step's sampled classes.
+
+    Raises:
+        ValueError: a bad weight, tau, beta, method or diversion_target, diversion_target="true"
+            with a process_group, or a bad head option (as the head's constructor).
+        TypeError: a keyword that neither this loss nor the head takes.
     """
 
     def __init__(
@@ -77,21 +82,14 @@ class REELoss(nn.Module):
         embedding_size: int,
         num_classes: int,
         *,
-        scale: float = 64.0,
-        margin: float = 0.5,
-        margin_mode: str = "arcface",
-        ri_form: str = "product",
         tau: float = 0.1,
         beta: float = 0.75,
         weights: Sequence[float] = (0.5, 0.5, 0.5),
         momentum: float = 0.99,
-        ignore_index: int = IGNORE_INDEX,
         method: str = "ree",
         diversion_target: str = "predicted",
-        backend: str = "auto",
-        seed: Optional[int] = None,
         process_group: Optional[dist.ProcessGroup] = None,
-        sample_rate: float = 1.0,
+        **head_options: Any,
     ) -> None:
         super().__init__()
         if len(weights) != 3 or any(not isinstance(w, (int, float)) or w < 0 for w in weights):
@@ -107,14 +105,8 @@ class REELoss(nn.Module):
                              "head (process_group) does not give; use diversion_target='predicted' with several "
                              "processes")
         if method == "crfiqa":
-            ri_form, beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
-        options = dict(scale=scale, margin=margin, margin_mode=margin_mode, ri_form=ri_form,
-                       ignore_index=ignore_index, backend=backend, sample_rate=sample_rate)
-        if process_group is None:
-            self.head = ArcFaceHead(embedding_size, num_classes, seed=seed, **options)
-        else:
-            self.head = ShardedArcFaceHead(embedding_size, num_classes, process_group=process_group,
-                                           seed=0 if seed is None else seed, **options)
+            head_options["ri_form"], beta, weights = "crfiqa", CRFIQA_BETA, (CRFIQA_WEIGHT, 0.0, 0.0)
+        self.head = make_arcface_head(embedding_size, num_classes, process_group=process_group, **head_options)
         self.process_group = process_group
         self.tracker = UITracker(embedding_size, momentum)
         self.tau, self.beta, self.weights = float(tau), float(beta), tuple(float(w) for w in weights)
@@ -143,9 +135,8 @@ class REELoss(nn.Module):
             self.tracker.update(embeddings[is_ui].detach(), ri_pred[is_ui].detach(), process_group=self.process_group)
         center = self.tracker.center_or_none() if self.method == "ree" else None
         true_diversion = self.method == "ree" and self.diversion_target == "true"
-        extra = {"differentiable_stats": True} if true_diversion else {}  # the sharded head has no such option
         head = self.head(embeddings, labels, ui_center=center, sample_weight=recognizable.to(embeddings.dtype),
-                         return_stats=True, **extra)
+                         return_stats=True, differentiable_stats=true_diversion)
         zero = torch.zeros((), dtype=head.loss.dtype, device=head.loss.device)
         ri = head.ri.detach()
         if self.method == "arcface":

@@ -2,8 +2,8 @@
 
 One concern per module: `group` (the ranks and which classes each holds), `checks` (arguments
 that every rank accepts or every rank rejects), `op` (the forward and backward passes), `init`
-(the seeded prototype init), `state` (checkpoints across world sizes), `module`
-(`ShardedArcFaceHead`).
+(the seeded prototype init), `state` (checkpoints across world sizes). The module over them,
+`ShardedArcFaceHead`, sits beside the one-process head in `ree_kernels.modules`.
 
 Face recognition outgrows one device through its classifier (WebFace42M: about 2.06 million
 identities); insightface's PartialFC answers by giving each rank a slice of the classes. This
@@ -40,7 +40,6 @@ from __future__ import annotations
 from .checks import EMBEDDING_GRADS
 from .group import shard_range
 from .init import PROTOTYPE_INIT_BLOCK, PROTOTYPE_INIT_STD, init_prototypes
-from .module import ShardedArcFaceHead
 from .op import sharded_arcface_head
 from .state import gather_shard, merge_state_dicts, shard_state_dict
 
@@ -48,7 +47,6 @@ __all__ = [
     "EMBEDDING_GRADS",
     "PROTOTYPE_INIT_BLOCK",
     "PROTOTYPE_INIT_STD",
-    "ShardedArcFaceHead",
     "gather_shard",
     "init_prototypes",
     "merge_state_dicts",

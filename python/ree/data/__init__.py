@@ -7,6 +7,7 @@
 - `folders` / `recordio`: ImageFolder, insightface .rec/.idx (no mxnet), image files.
 - `sources`: the training set a `TrainConfig` names, its class count and names.
 - `real`: LFW faces vs non-faces (scikit-image) and 8x8 digits (scikit-learn), shipped data.
+- `lfw` / `lfw_splits` (imported on use): LFW as users have it, and the LFW-VLR splits.
 """
 # The modules stay reachable as attributes (`ree.data.degrade` is the module, its function is
 # `ree.data.degrade.degrade`).

@@ -31,8 +31,8 @@ def build_dataset(config: Any) -> Any:
 
         return generate(SyntheticConfig(**{"image_size": size, **config.synthetic}), cache_dir=config.cache_dir).train
     if config.data == "lfw" or config.data.startswith("lfw-"):
-        from ..lfw.protocol import SPLITS, people, training_set
         from .lfw import find_lfw, load_crops
+        from .lfw_splits import SPLITS, people, training_set
 
         split = "test" if config.data == "lfw" else config.data[len("lfw-"):]
         if config.data != "lfw" and (split not in SPLITS or split == "test"):

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import evaluation as ev
 from ..evaluation import pipeline as E
+from .budget import DemoConfig
 from .tables import METHODS, best_quality_sentence, erc_rows, quality_resolution_rows, verdict, write_plots
-
-if TYPE_CHECKING:
-    from .synthetic import DemoConfig
 
 
 def build_report(demo: DemoConfig, trainers, synthetic, digits, lfw, summary_rows, out: Path) -> ev.Report:

@@ -10,8 +10,8 @@ from .. import evaluation as ev
 from ..data.synthetic import generate
 from ..evaluation import pipeline as E
 from ..train import Trainer
+from .budget import DemoConfig
 from .clock import say
-from .synthetic import DemoConfig
 
 TUNING_TAUS = (0.1, 0.2, 0.4)
 TUNING_SCALES = (0.5, 1.0, 2.0)

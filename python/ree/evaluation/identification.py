@@ -13,11 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ree_kernels.reference import IGNORE_INDEX
-
+from ..data.arrays import IGNORE_LABEL
 from ._arrays import int_vector, real_array
 
-DISTRACTOR_LABEL = IGNORE_INDEX
+DISTRACTOR_LABEL = IGNORE_LABEL  # the label ree.data.protocol gives gallery distractors
 # Probes scored per block: bounds the similarity block to this many rows of gallery size.
 _PROBE_BLOCK = 1024
 

@@ -241,7 +241,7 @@ def evaluation_set(config: Any, data: Optional[str] = None):
     """The set `ree eval` scores: the synthetic test split (held-out identities) for
     `data="synthetic"` or a checkpoint trained on it, else every image of the ImageFolder
     directory or .rec file `data` names (which must hold other images than the training set)."""
-    from ..train import build_dataset
+    from ..data.sources import build_dataset
 
     if data is None and config.data != "synthetic":
         raise ValueError(f"the checkpoint was trained on {config.data}: name a held-out evaluation set with data= "
@@ -260,7 +260,7 @@ def evaluate_checkpoint(checkpoint: str | Path, output: str | Path, *, data: Opt
     """`ree eval`: scores the evaluation set with the checkpoint's model and writes
     output/report.md, output/metrics.json and the plots; returns the main table (markdown)."""
     from ..checkpoint import load_model
-    from ..train import resolve_device
+    from ..devices import resolve_device
     from . import plots
 
     output = Path(output)

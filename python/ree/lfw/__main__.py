@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 
 from .. import evaluation as ev
-from ..data import lfw
+from ..data import lfw, lfw_splits
 from ..evaluation.pipeline import write_json
 from . import experiment, protocol, report
 
@@ -125,7 +125,7 @@ def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[
     chosen = {name: ABLATIONS[name] for name in (variants or ABLATIONS)} if suite == "ablation" else None
     if split == "view2":  # one run per fold, reported like seeds
         parts = [experiment.run(source, split=fold, seeds=seeds[:1], budget=budget, out=out / "runs" / fold,
-                                variants=chosen, cache_dir=cache_dir, say=say) for fold in protocol.VIEW2_FOLDS]
+                                variants=chosen, cache_dir=cache_dir, say=say) for fold in lfw_splits.VIEW2_FOLDS]
         summary = {**parts[0][0], "split": "view2", "per_seed": [p[0]["per_seed"][0] for p in parts]}
         # Each fold has its own people, extended set and resamples: fold 1's are no summary of all.
         summary.pop("extended", None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..data import lfw
+from ..data import lfw, lfw_splits
 from ..evaluation.bootstrap import paired_difference
 from ..evaluation.pipeline import erc_summary
 from ..models.ree_model import REEModel
@@ -47,7 +47,7 @@ class Budget:
     input_size: int = 32
     arch: str = "small"
     min_resolution: int = 7
-    min_images: int = protocol.MIN_IMAGES
+    min_images: int = lfw_splits.MIN_IMAGES
     erc_pairs: int = 20000
     init: Optional[str] = None
     trainable: str = "all"
@@ -57,7 +57,7 @@ class Budget:
     def config(self, method: str, output_dir: Path, seed: int, split: str = "test", **overrides: Any) -> TrainConfig:
         """The TrainConfig of one run on `split`'s training people (its `data` names them, so that
         `ree train --resume` rebuilds the same set; `data` takes the people with
-        `protocol.MIN_IMAGES` images, so a run with another `min_images` is refused on resume by
+        `lfw_splits.MIN_IMAGES` images, so a run with another `min_images` is refused on resume by
         the class names its checkpoint stores)."""
         values = dict(data="lfw" if split == "test" else f"lfw-{split}", method=method, output_dir=str(output_dir),
                       arch=self.arch, input_size=self.input_size,
@@ -75,7 +75,7 @@ class Data:
 
     split: str
     source: lfw.LfwSource
-    people: protocol.People
+    people: lfw_splits.People
     train: Any
     evalset: protocol.EvalSet
     images: np.ndarray  # uint8 crops of the evaluation rows
@@ -85,9 +85,9 @@ class Data:
 def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[str | Path] = None,
          progress: bool = False, seed: int = 0) -> Data:
     crops = lfw.load_crops(source, budget.input_size, cache_dir=cache_dir, progress=progress)
-    people = protocol.people(crops, source, split, budget.min_images)
+    people = lfw_splits.people(crops, source, split, budget.min_images)
     evalset = protocol.evaluation_set(crops, source, split, budget.input_size, erc_pairs=budget.erc_pairs, seed=seed)
-    return Data(split, source, people, protocol.training_set(crops, people), evalset, crops.images[evalset.rows],
+    return Data(split, source, people, lfw_splits.training_set(crops, people), evalset, crops.images[evalset.rows],
                 scoring.uncertainty(evalset))
 
 

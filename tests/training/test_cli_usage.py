@@ -21,7 +21,7 @@ from ree.data import lfw
 from ree.lfw.__main__ import build_parser as lfw_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
 TINY = ["--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--embedding-size", "16", "--no-progress",
         "--no-tensorboard", "--log-every", "1"]

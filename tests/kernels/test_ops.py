@@ -21,7 +21,7 @@ import ree_kernels
 from ree_kernels import arcface_head, backends, ree_aux_loss, reference, validation
 from support import FORWARD_TOL, GRAD_TOL, assert_spec_close, aux_inputs, generator, head_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 aten = torch.ops.aten
 
 # (backend, device) pairs that run here, with the dtypes they take.

@@ -18,13 +18,13 @@ from torch import nn
 from ree_kernels import arcface_head, reference
 from ree_kernels.backends import CPP_KERNELS, KERNEL_DTYPES, TRITON_USABLE
 from ree_kernels.distributed import (
-    ShardedArcFaceHead,
     init_prototypes,
     merge_state_dicts,
     shard_range,
     shard_state_dict,
     sharded_arcface_head,
 )
+from ree_kernels.modules import ShardedArcFaceHead
 from spawned import spawn
 from support import FORWARD_TOL, GRAD_TOL, check_nearest_negative, head_inputs, max_error, run_head
 

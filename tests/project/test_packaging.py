@@ -17,7 +17,7 @@ import pytest
 
 import ree_kernels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("*.py", "*.md", "*.cpp", "*.h", "*.cu", "*.cuh", "*.txt", "*.toml", "*.json", "Makefile", "CMakeLists.txt")
 SKIP_DIRS = {".git", ".venv", "build", "dist", "runs", ".benchmarks", "__pycache__"}
 

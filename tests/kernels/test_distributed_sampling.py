@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from ree_kernels import arcface_head
-from ree_kernels.distributed import ShardedArcFaceHead, init_prototypes, shard_range
+from ree_kernels.distributed import init_prototypes, shard_range
+from ree_kernels.modules import ShardedArcFaceHead
 from spawned import spawn
 from support import FORWARD_TOL, GRAD_TOL, assert_spec_close, head_inputs
 from test_distributed import LOCAL_BACKENDS, poison_outputs

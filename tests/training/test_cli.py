@@ -39,7 +39,7 @@ def test_help(command, capsys):
 def test_console_script_and_module_entry_points():
     script = Path(sys.executable).parent / "ree"
     assert script.exists(), "the `ree` console script is not installed (pip install -e .)"
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'ree = "ree.entry:main"' in pyproject  # sets OpenMP's environment, then ree.cli
     done = subprocess.run([sys.executable, "-m", "ree", "export", "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -1,5 +1,5 @@
 """The CUDA emulation's own checks (tests/cuda_emulation; docs/design.md, ## CUDA backend): the
-launch rewrite, and the cases of tests/test_cuda.py that the emulated CUDA backend can run at
+launch rewrite, and the cases of tests/kernels/test_cuda.py that the emulated CUDA backend can run at
 small sizes (chunk sizes that leave row splits empty, the split count following the batch).
 The shared suites run the emulated backend through the `cuda-emulated` param of KERNEL_BACKENDS."""
 import sys
@@ -10,7 +10,7 @@ import torch
 
 from support import aux_inputs, compare_aux, compare_head, head_inputs
 
-sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_emulation"))
 from rewrite_launches import rewrite  # noqa: E402
 
 EMULATED = ("cuda", "cpu")

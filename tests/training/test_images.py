@@ -65,9 +65,16 @@ def tiff_with_associated_alpha(pixels: np.ndarray, photometric: str) -> bytes:
     return buffer.getvalue()
 
 
+def u8(*shape: int) -> np.ndarray:
+    return RNG.integers(0, 256, (H, W, *shape), dtype=np.uint8)
+
+
 def case(mode: str):
     """(encoded file, the RGB it means, tolerance) for a file that Pillow opens in `mode`."""
-    u8 = lambda *shape: RNG.integers(0, 256, (H, W, *shape), dtype=np.uint8)  # noqa: E731
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return colour_space_case(mode)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return wide_case(mode)
     if mode == "1":
         bits = RNG.random((H, W)) < 0.5
         return encode(Image.fromarray(bits), "PNG"), grey3(bits * 255), 0
@@ -111,6 +118,11 @@ def case(mode: str):
     if mode == "RGBX":
         rgbx = u8(4)
         return raw_file("RGBX", rgbx), rgbx[..., :3], 0
+    raise AssertionError(mode)
+
+
+def colour_space_case(mode: str):
+    """`case` for the modes of other colour spaces than RGB."""
     if mode == "CMYK":  # the naive inversion: R = (255 - C)(255 - K) / 255
         cmyk = u8(4).astype(np.float64)
         rgb = (255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255
@@ -131,6 +143,11 @@ def case(mode: str):
         hsv = u8(3)
         rgb = [colorsys.hsv_to_rgb(*(hsv[i, j] / 255.0)) for i in range(H) for j in range(W)]
         return raw_file("HSV", hsv), np.rint(np.array(rgb).reshape(H, W, 3) * 255).astype(np.uint8), 1
+    raise AssertionError(mode)
+
+
+def wide_case(mode: str):
+    """`case` for the 16-bit integer and float modes."""
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = RNG.integers(0, 65536, (H, W)).astype(np.uint16)
         values[0, :3] = [0, 65535, 4096]  # the extremes, and a dark value Pillow's conversion clips to 255

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ree.data import lfw
+from ree.data import lfw, lfw_splits
 from ree.lfw import protocol
+from training_support import real_lfw
 
 PEOPLE = {"Ann_Lee": 3, "Bo_Chan": 2, "Cy_Dee": 1, "Di_Eve": 2}
 
@@ -152,7 +153,7 @@ def test_grayscale_images_are_converted(tmp_path):
 def test_protocol_on_a_small_tree(tmp_path):
     source = lfw.open_source(write_tree(tmp_path))
     crops = lfw.load_crops(source, 32)
-    test = protocol.people(crops, source, "test", min_images=1)
+    test = lfw_splits.people(crops, source, "test", min_images=1)
     assert set(test.held_out) == {"Ann_Lee", "Bo_Chan", "Cy_Dee", "Di_Eve"} and test.train == ()
     evalset = protocol.evaluation_set(crops, source, "test", 32, erc_pairs=6, seed=3)
     assert evalset.same.tolist() == [True, True, False, False]
@@ -169,33 +170,23 @@ def test_view2_folds_train_on_everyone_else(tmp_path):
     source = lfw.open_source(write_tree(tmp_path))
     crops = lfw.load_crops(source, 32)
     with pytest.raises(lfw.PairsError, match="View 2 needs 10 folds, the file has 1"):
-        protocol.people(crops, source, "fold1")
+        lfw_splits.people(crops, source, "fold1")
     folds = ["Ann_Lee\t1\t2\nBo_Chan\t1\tCy_Dee\t1\n"] + ["Di_Eve\t1\t2\nDi_Eve\t1\tAnn_Lee\t3\n"] * 9
     (tmp_path / "pairs.txt").write_text("10\t1\n" + "".join(folds))
-    first = protocol.people(crops, source, "fold1")
+    first = lfw_splits.people(crops, source, "fold1")
     assert first.held_out == ("Ann_Lee", "Bo_Chan", "Cy_Dee") and first.train == ("Di_Eve",)
-    assert protocol.people(crops, source, "fold4").train == ("Bo_Chan", "Cy_Dee")
+    assert lfw_splits.people(crops, source, "fold4").train == ("Bo_Chan", "Cy_Dee")
     evalset = protocol.evaluation_set(crops, source, "fold1", 32, erc_pairs=4)
     assert evalset.same.tolist() == [True, False]
     with pytest.raises(ValueError, match="split must be one of"):
-        protocol.people(crops, source, "fold11")
+        lfw_splits.people(crops, source, "fold11")
 
 
 # ------------------------------------------------------------------------- the real copy
 
 @pytest.fixture(scope="module")
 def real():
-    path = os.environ.get(lfw.ENV_VAR)
-    try:
-        source = lfw.find_lfw(path) if path else None
-    except lfw.LfwNotFound as err:
-        source, why = None, str(err)
-    else:
-        why = f"set {lfw.ENV_VAR} to the LFW folder (e.g. ../shared/data/lfw) to run the real-data tests"
-    if source is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the LFW tests: {why}")
-        pytest.skip(why)
+    source = real_lfw("LFW", "run the real-data tests")
     cache = os.environ.get("REE_TEST_CACHE", os.path.join("runs", "cache"))
     return source, lfw.load_crops(source, 32, cache_dir=cache)
 
@@ -211,12 +202,12 @@ def test_real_lfw_is_complete(real):
 
 def test_real_splits_are_identity_disjoint(real):
     source, crops = real
-    test, val = protocol.people(crops, source, "test"), protocol.people(crops, source, "val")
+    test, val = lfw_splits.people(crops, source, "test"), lfw_splits.people(crops, source, "val")
     assert not set(test.train) & set(test.held_out)
     assert not set(val.train) & (set(val.held_out) | set(test.held_out))
     assert set(val.train) < set(test.train)
     counts = crops.counts()
-    assert min(counts[p] for p in test.train) >= protocol.MIN_IMAGES
+    assert min(counts[p] for p in test.train) >= lfw_splits.MIN_IMAGES
     evalset = protocol.evaluation_set(crops, source, "test", 32)
     assert len(evalset.same) == 1000 and evalset.same.sum() == 500
     assert len(evalset.gallery) == len(test.held_out)  # one image per enrolled person or distractor
@@ -255,9 +246,9 @@ def test_data_lfw_names_the_training_people(real, monkeypatch, tmp_path):
     monkeypatch.setenv(lfw.ENV_VAR, str(source.images))
     cache = os.environ.get("REE_TEST_CACHE", os.path.join("runs", "cache"))
     train = build_dataset(TrainConfig(data="lfw-val", cache_dir=cache))
-    assert train.class_names == list(protocol.people(crops, source, "val").train)
+    assert train.class_names == list(lfw_splits.people(crops, source, "val").train)
     assert len(train) == int(np.isin(crops.people, train.class_names).sum())
     with pytest.raises(ValueError, match="'lfw-val'"):
         build_dataset(TrainConfig(data="lfw-test", cache_dir=cache))
     test_people = build_dataset(TrainConfig(data="lfw", cache_dir=cache))  # the test split's training people
-    assert test_people.class_names == list(protocol.people(crops, source, "test").train)
+    assert test_people.class_names == list(lfw_splits.people(crops, source, "test").train)
