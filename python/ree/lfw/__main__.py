@@ -188,14 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(err))
     if args.suite == "pretrained" and args.input_size not in (None, experiment.PRETRAINED.input_size):
         parser.error(f"--input-size: the pretrained suite runs at SFace's {experiment.PRETRAINED.input_size} px")
-    if args.suite == "pretrained":
-        steps = args.steps or experiment.PRETRAINED.steps
-        budget = replace(experiment.PRETRAINED, steps=steps, warmup_steps=max(steps // 10, 1),
-                         min_images=args.min_images)
-    else:
-        steps = args.steps or experiment.Budget.steps
-        budget = experiment.Budget(steps=steps, warmup_steps=max(steps // 10, 1), input_size=args.input_size or experiment.Budget.input_size,
-                                   min_images=args.min_images)
+    base = (experiment.PRETRAINED if args.suite == "pretrained"
+            else experiment.Budget(input_size=args.input_size or experiment.Budget.input_size))
+    steps = args.steps or base.steps
+    budget = replace(base, steps=steps, warmup_steps=max(steps // 10, 1), min_images=args.min_images)
     out = args.output or Path(f"runs/lfw-{args.suite}-{split}")
     unknown = sorted(set(args.variants or ()) - set(ABLATIONS))
     if unknown:
