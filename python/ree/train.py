@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torch
 from . import checkpoint as ckpt
 from . import checkpoint_layout, distributed
 from .config import RESUME_MUTABLE, TrainConfig
-from .data.arrays import to_tensor
+from .data.arrays import fetch_batch
 from .data.degrade import downsample, draw_uis, synthesize_uis
 from .data.sources import build_dataset, class_names, num_classes
 from .devices import autocast_dtype, check_backend, resolve_device
@@ -38,6 +38,7 @@ from .distributed import Ranks
 from .logs import LOG_FIELDS, TrainLog
 from .losses import LossOutput, REELoss
 from .models.ree_model import REEModel
+from .prefix_cache import PrefixCache, build_prefix_cache, imprinted_prototypes
 from .pretrained import load_pretrained
 from .sampler import EpochBatchSampler
 from .schedule import WarmupSchedule
@@ -57,15 +58,21 @@ class Trainer:
         resume: a checkpoint path to continue from; its config must equal `config` except
             for RESUME_MUTABLE fields (CheckpointError otherwise). A checkpoint written by any
             number of processes resumes at any other.
+        prefix_cache: with `config.cache_prefix`, the features to train from
+            (`ree.prefix_cache`; default: built here from `dataset`, by `config.seed`); runs that
+            share a dataset, a pretrained prefix and a cache seed may share one.
 
     When torch.distributed is initialised with several processes, every rank builds its
     Trainer with the same arguments and calls `fit` (docs/scaling.md, "Multi-process training").
     """
 
-    def __init__(self, config: TrainConfig, dataset: Any = None, resume: Optional[str | Path] = None) -> None:
+    def __init__(self, config: TrainConfig, dataset: Any = None, resume: Optional[str | Path] = None,
+                 prefix_cache: Optional[PrefixCache] = None) -> None:
         self.config = config
         self.ranks = Ranks.current()
         config.check_world_size(self.ranks.world)
+        if config.cache_prefix and self.ranks.world > 1:
+            raise ValueError("cache_prefix trains in one process: run it without --nproc")
         self.device = resolve_device(config.device)
         check_backend(config.backend, self.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)
@@ -119,6 +126,16 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if resume is not None:
             self.load_checkpoint(resume)
+        # after a resume's weights: the cache is the (frozen) prefix of the run's own model
+        self.prefix_cache = prefix_cache
+        if config.cache_prefix and prefix_cache is None:
+            self.prefix_cache = build_prefix_cache(
+                self.model, self.dataset, seed=config.seed, min_resolution=config.min_resolution,
+                uis=config.uis_per_batch > 0, ui_min_resolution=config.ui_min_resolution,
+                ui_max_resolution=config.ui_max_resolution, progress=config.progress)
+        if config.imprint and resume is None:
+            with torch.no_grad():
+                self.criterion.head.weight.copy_(imprinted_prototypes(self.model, self.prefix_cache, self.num_classes))
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
@@ -189,19 +206,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- loop
 
-    def _fetch(self, indices: List[int]) -> tuple:
-        images = getattr(self.dataset, "images", None)
-        if isinstance(images, np.ndarray):
-            batch = to_tensor(images[indices])
-            labels = torch.as_tensor(np.asarray(self.dataset.labels)[indices], dtype=torch.int64)
-            return batch, labels
-        items = [self.dataset[i] for i in indices]
-        return torch.stack([item[0] for item in items]), torch.as_tensor([int(item[1]) for item in items])
-
     def _batches(self, start: int, stop: int) -> Iterator[tuple]:
+        if self.prefix_cache is not None:
+            for indices in self.sampler.iterate(start, stop, self.ranks.rank, self.ranks.world):
+                yield self.prefix_cache.rows(indices)
+            return
         if self.config.workers == 0:
             for indices in self.sampler.iterate(start, stop, self.ranks.rank, self.ranks.world):
-                yield self._fetch(indices)
+                yield fetch_batch(self.dataset, indices)
             return
         # its own generator: the loader's worker seeding must not draw from the global RNG (dropout's)
         batches = self.sampler.iterate(start, stop, self.ranks.rank, self.ranks.world)
@@ -244,15 +256,22 @@ class Trainer:
             is_ui = torch.cat([is_ui, torch.ones(count, dtype=torch.bool, device=self.device)])
         return images.contiguous(memory_format=torch.channels_last), labels, is_ui
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
-        """One optimiser step on a raw batch; -> (LossOutput, gradient norm before clipping)."""
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, ui_features: Optional[torch.Tensor] = None
+                   ) -> tuple:
+        """One optimiser step on a raw batch (with `cache_prefix`: a batch of `PrefixCache.rows`,
+        images being prefix features); -> (LossOutput, gradient norm before clipping)."""
         self.model.train()
         self.criterion.train()
-        images, labels, is_ui = self.prepare_batch(images, labels)
-        model = self.model if self.ddp_model is None else self.ddp_model
+        if self.prefix_cache is None:
+            images, labels, is_ui = self.prepare_batch(images, labels)
+            forward = self.model if self.ddp_model is None else self.ddp_model
+        else:
+            images, labels, is_ui = self.prefix_cache.batch(images, labels, ui_features, self.config.uis_per_batch,
+                                                            self.device)
+            forward = self.model.forward_from_prefix
         amp = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=amp):
-            out = model(images)
+            out = forward(images)
             losses = self.criterion(out.embedding, labels, out.quality, out.attn, is_ui)
         self.optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
@@ -287,8 +306,8 @@ class Trainer:
                          desc=f"{self.config.method} {self.config.arch}")
         tick, seen = time.perf_counter(), 0
         with sinks:
-            for images, labels in self._batches(self.step, stop):
-                losses, grad_norm = self.train_step(images, labels)
+            for batch in self._batches(self.step, stop):
+                losses, grad_norm = self.train_step(*batch)
                 seen += self.config.batch_size + self.config.uis_per_batch
                 sinks.advance()
                 self._check_finite(losses.total)

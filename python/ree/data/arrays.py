@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -112,3 +112,15 @@ class FaceArrays(Dataset):
                 return cls(data["images"], data["labels"], data["resolutions"])
         except (OSError, KeyError, ValueError) as error:
             raise ValueError(f"{os.fspath(path)}: not a FaceArrays .npz file ({error})") from error
+
+
+def fetch_batch(dataset: Any, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images [n, 3, S, S] normalised, labels [n] int64) of `dataset`'s items `indices`: one
+    gather from a set with `images` (uint8 [N, S, S, 3]) and `labels` arrays, like `FaceArrays`,
+    else item by item (items (image [3, S, S], label, ...))."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, np.ndarray):
+        rows = list(indices)
+        return to_tensor(images[rows]), torch.as_tensor(np.asarray(dataset.labels)[rows], dtype=torch.int64)
+    items = [dataset[i] for i in indices]
+    return torch.stack([item[0] for item in items]), torch.as_tensor([int(item[1]) for item in items])

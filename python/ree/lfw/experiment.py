@@ -13,16 +13,25 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ..config import TrainConfig
 from ..data import lfw, lfw_splits
 from ..evaluation.bootstrap import paired_difference
 from ..evaluation.pipeline import erc_summary
+from ..models.ree_model import REEModel
+from ..prefix_cache import PrefixCache, build_prefix_cache
+from ..pretrained import load_pretrained
 from ..train import Trainer
 from . import protocol, scoring
 
 METHODS = {"REE": "ree", "ArcFace": "arcface", "CR-FIQA": "crfiqa"}
 """Report name -> TrainConfig.method."""
+OFF_THE_SHELF = "SFace"
+"""The report name of the pretrained model as it comes (the pretrained suite)."""
+PRETRAINED_NAMES = {"REE": "ree-ft", "ArcFace": "arcface-ft", "CR-FIQA": "crfiqa-ft",
+                    OFF_THE_SHELF: "sface-off-the-shelf"}
+"""The pretrained suite's report names -> summary.json's method names."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,10 @@ class Budget:
     min_resolution: int = 7
     min_images: int = lfw_splits.MIN_IMAGES
     erc_pairs: int = 20000
+    init: Optional[str] = None
+    trainable: str = "all"
+    cache_prefix: bool = False
+    imprint: bool = False
 
     def config(self, method: str, output_dir: Path, seed: int, split: str = "test", **overrides: Any) -> TrainConfig:
         """The TrainConfig of one run on `split`'s training people (its `data` names them, so that
@@ -49,7 +62,8 @@ class Budget:
         values = dict(data="lfw" if split == "test" else f"lfw-{split}", method=method, output_dir=str(output_dir),
                       arch=self.arch, input_size=self.input_size,
                       steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                      min_resolution=self.min_resolution, seed=seed, save_every=self.steps,
+                      min_resolution=self.min_resolution, seed=seed, save_every=self.steps, init=self.init,
+                      trainable=self.trainable, cache_prefix=self.cache_prefix, imprint=self.imprint,
                       log_every=max(self.steps // 40, 1), tensorboard=False)
         values.update(overrides)
         return TrainConfig(**values)
@@ -77,17 +91,55 @@ def load(source: lfw.LfwSource, split: str, budget: Budget, cache_dir: Optional[
                 scoring.uncertainty(evalset))
 
 
+PRETRAINED = Budget(arch="sface", input_size=112, init="sface", trainable="last-stage", cache_prefix=True,
+                    imprint=True, steps=150, batch_size=128, lr=0.01, warmup_steps=15)
+"""The pretrained suite: SFace's last stage, embedding layer and the new heads fine-tuned on
+features of its frozen prefix (`ree.prefix_cache`), one cache shared by every method and seed.
+Its size fits the suite's 3 methods × 3 seeds and the off-the-shelf model into an hour on two
+CPU cores (docs/lfw.md, "Pretrained")."""
+
+
 @dataclass
 class Run:
-    """One trained model and how long it took."""
+    """One model to score: its TrainConfig.method ("none" for a model used as it comes), its UI
+    centre (None: taken from synthesised UIs), and how long its training took."""
 
     name: str
-    trainer: Trainer
+    model: REEModel
+    method: str
+    ui_center: Optional[torch.Tensor]
     seconds: float
 
 
+@dataclass
+class Frozen:
+    """What every model of a pretrained suite shares: the pretrained model itself, the training
+    features of its frozen prefix and that prefix's output for the evaluation images."""
+
+    model: REEModel
+    train: PrefixCache
+    evaluation: List[torch.Tensor]
+
+
+def frozen(data: Data, budget: Budget, say: Callable[[str], None] = print) -> Frozen:
+    """Loads `budget.init` and runs its frozen prefix over the training copies (drawn by seed 0,
+    with UIs) and the evaluation images at every level, once for the whole suite."""
+    config = budget.config("ree", Path("unused"), 0, data.split)
+    model = REEModel(config.model_config())
+    load_pretrained(model, config.init)
+    start = time.perf_counter()
+    cache = build_prefix_cache(model, data.train, seed=0, min_resolution=config.min_resolution, uis=True,
+                               ui_min_resolution=config.ui_min_resolution, ui_max_resolution=config.ui_max_resolution)
+    say(f"frozen prefix of {len(cache)} training copies and their UIs: {(time.perf_counter() - start) / 60:.1f} min")
+    start = time.perf_counter()
+    evaluation = scoring.level_prefixes(model, data.images, data.evalset.levels)
+    say(f"frozen prefix of {len(data.images)} evaluation images × {len(evaluation)} resolutions: "
+        f"{(time.perf_counter() - start) / 60:.1f} min")
+    return Frozen(model, cache, evaluation)
+
+
 def train(name: str, data: Data, budget: Budget, seed: int, out: Path, say: Callable[[str], None] = print,
-          **overrides: Any) -> Run:
+          prefix_cache: Optional[PrefixCache] = None, **overrides: Any) -> Run:
     """Trains `name` (a key of METHODS, or any label with `method=` in overrides)."""
     method = overrides.pop("method", METHODS.get(name))
     config = budget.config(method, out, seed, data.split, **overrides)
@@ -95,9 +147,9 @@ def train(name: str, data: Data, budget: Budget, seed: int, out: Path, say: Call
         + (f" + {config.uis_per_batch} UIs" if config.uis_per_batch else "")
         + f" on {data.people.train.__len__()} people")
     start = time.perf_counter()
-    trainer = Trainer(config, dataset=data.train)
+    trainer = Trainer(config, dataset=data.train, prefix_cache=prefix_cache)
     trainer.fit()
-    return Run(name, trainer, time.perf_counter() - start)
+    return Run(name, trainer.model, method, trainer.criterion.tracker.center_or_none(), time.perf_counter() - start)
 
 
 @dataclass
@@ -111,30 +163,30 @@ class Curves:
 
 Replicates = Dict[str, Dict[str, Dict[str, Dict[str, np.ndarray]]]]
 """{model: {kind: {level: {metric: [B] bootstrap replicates}}}} of one seed."""
-DIFFERENCES = (("REE", "ArcFace"), ("REE", "CR-FIQA"))
+DIFFERENCES = (("REE", "ArcFace"), ("REE", "CR-FIQA"), ("REE", OFF_THE_SHELF))
 """Paired differences reported when both models ran (`differences`)."""
 
 
-def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0,
-             say: Callable[[str], None] = print) -> tuple[Dict[str, Any], Curves, Replicates]:
+def evaluate(runs: Mapping[str, Run], data: Data, seed: int = 0, say: Callable[[str], None] = print,
+             prefixes: Optional[Sequence[torch.Tensor]] = None) -> tuple[Dict[str, Any], Curves, Replicates]:
     """Recognition of every run, and the ERCs of every quality score on each recognizer's pairs;
     -> (JSON-ready results, curves for the plots, the bootstrap replicates for `differences`).
     Each verification entry holds the pairs file's metrics and `scoring.extended_verification`'s.
 
     Qualities: ξ̂ of the REE run(s) (every run whose method is "ree"), CR-FIQA's head, every run's
-    feature norm, the recognizer's SER-FIQ, ERS of the REE run, the true resolution and random."""
+    feature norm, the recognizer's SER-FIQ, ERS of the REE run, the true resolution and random.
+    `prefixes`: the evaluation images' features of a frozen prefix all the runs share (`frozen`)."""
     views = {}
     for name, run in runs.items():
         say(f"scoring {name} on {len(data.images)} {data.split} images × {len(data.evalset.levels)} resolutions")
-        views[name] = scoring.views(run.trainer.model, data.images, data.evalset.levels,
-                                    run.trainer.criterion.tracker.center_or_none(), seed=seed,
-                                    progress=f"scoring {name}")
+        views[name] = scoring.views(run.model, data.images, data.evalset.levels, run.ui_center, seed=seed,
+                                    progress=f"scoring {name}", prefixes=prefixes)
     result: Dict[str, Any] = {"recognition": {}, "erc": {}, "spearman": {}, "seconds": {}}
     curves = Curves()
     replicates: Replicates = {}
     shared = {}
     for name, run in runs.items():
-        method = run.trainer.config.method
+        method = run.method
         if method == "ree":
             shared[f"ξ̂ ({name})" if name != "REE" else "ξ̂"] = views[name].prm
             shared[f"ERS ({name})" if name != "REE" else "ERS"] = views[name].ers
@@ -192,11 +244,15 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
     data = load(source, split, budget, cache_dir=cache_dir, progress=True)
     say(f"LFW-VLR {split}: {len(data.people.train)} training people ({len(data.train)} images), "
         f"{len(data.people.held_out)} evaluation people ({len(data.images)} images)")
+    shared = frozen(data, budget, say) if budget.cache_prefix else None
     per_seed, first, replicates = [], None, []
     for seed in seeds:
-        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say, **dict(v))
+        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say,
+                            prefix_cache=shared and shared.train, **dict(v))
                 for name, v in variants.items()}
-        result, curves, reps = evaluate(runs, data, seed, say)
+        if shared is not None:
+            runs[OFF_THE_SHELF] = Run(OFF_THE_SHELF, shared.model, "none", None, 0.0)
+        result, curves, reps = evaluate(runs, data, seed, say, prefixes=shared and shared.evaluation)
         per_seed.append(result)
         replicates.append(reps)
         first = first or curves

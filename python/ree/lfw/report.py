@@ -140,6 +140,29 @@ def quality_goals(summary: Mapping[str, Any], score: str = "ξ̂", reference: Se
     return goals
 
 
+def pretrained_goals(summary: Mapping[str, Any], ree: str = "REE", base: str = "ArcFace",
+                     pretrained: str = "SFace") -> List[Goal]:
+    """The pretrained suite's recognition goals (10-fold accuracy, VLR–VLR, means over seeds):
+    fine-tuned REE ≥ the pretrained model + 0.05 at 8 and 12 px and ≥ it − 0.01 at HR; REE
+    above fine-tuned ArcFace at 8 and 12 px with the paired 95 % interval (seeds × bootstrap)
+    above 0."""
+    goals = []
+    for level, need in (("8", 0.05), ("12", 0.05), ("HR", -0.01)):
+        ours, _ = stat(summary, "recognition", ree, "vlr", level, "acc")
+        theirs, _ = stat(summary, "recognition", pretrained, "vlr", level, "acc")
+        goals.append(Goal(f"VLR–VLR {level}{' px' if level != 'HR' else ''}: {ree} ≥ {pretrained} {need:+g} "
+                          "(10-fold accuracy)", f"{ours - theirs:+.3f} ({ours:.3f} vs {theirs:.3f})",
+                          ours - theirs >= need))
+    table = summary.get("differences", {}).get(f"{ree} − {base}", {})
+    for level in ("8", "12"):
+        d = table.get("vlr", {}).get(level, {}).get("acc")
+        if d is not None:
+            low, high = d["ci95"]
+            goals.append(Goal(f"VLR–VLR {level} px: {ree} > {base}, paired interval above 0 (10-fold accuracy)",
+                              f"{d['mean']:+.3f} [{low:+.3f}, {high:+.3f}]", low > 0))
+    return goals
+
+
 def goals_table(goals: Sequence[Goal]) -> Table:
     rows = [[g.text, g.measured, "yes" if g.met else "no"] for g in goals]
     return ["goal", "measured (mean over seeds)", "met"], rows

@@ -48,21 +48,27 @@ class Views:
 
 
 def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center: Optional[torch.Tensor], *,
-          seed: int = 0, batch_size: int = 512, progress: Optional[str] = None) -> Views:
+          seed: int = 0, batch_size: int = 512, progress: Optional[str] = None,
+          prefixes: Optional[Sequence[torch.Tensor]] = None) -> Views:
     """Embeds uint8 crops [N, S, S, 3] (S: the model input) at every level (S itself: undegraded)
     with `embed` (flip fusion, SER-FIQ passes). ū: the model's UI centre, or None to take it from
     UIs synthesised out of these images (`ui_center_from_images`). `progress`: the label of a
-    progress bar over the levels (shown on a terminal only)."""
+    progress bar over the levels (shown on a terminal only). `prefixes`: `level_prefixes` of a
+    frozen prefix the model shares with others; the model runs from them, without flip fusion."""
     size = model.input_size
     if images.ndim != 4 or images.shape[1] != size:
         raise ValueError(f"images must be crops at the model input ({size} px), got shape {images.shape}")
+    if prefixes is not None and len(prefixes) != len(levels):
+        raise ValueError(f"prefixes must hold one tensor per level ({len(levels)}), got {len(prefixes)}")
     crops = to_tensor(images)
+    steps = list(enumerate(levels))
     if progress is not None:
         from tqdm.auto import tqdm
 
-        levels = tqdm(levels, desc=progress, unit="resolution", leave=False, disable=None)
-    results = [embed(model, downsample(crops, level), batch_size=batch_size, serfiq_passes=SERFIQ_PASSES, seed=seed)
-               for level in levels]
+        steps = tqdm(steps, desc=progress, unit="resolution", leave=False, disable=None)
+    results = [embed(model, downsample(crops, level), flip=prefixes is None, batch_size=batch_size,
+                     serfiq_passes=SERFIQ_PASSES, seed=seed, prefix=None if prefixes is None else prefixes[k])
+               for k, level in steps]
     if ui_center is None:
         ui_center = ui_center_from_images(model, crops[: min(len(crops), 512)], seed)
     stack = lambda key: torch.stack([getattr(r, key) for r in results])  # noqa: E731
@@ -70,6 +76,25 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
     as_np = lambda t: t.double().numpy()  # noqa: E731
     return Views(as_np(stack("embeddings")), as_np(stack("norm")), as_np(stack("quality")), as_np(stack("serfiq")),
                  as_np(ers))
+
+
+def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], batch_size: int = 256
+                   ) -> List[torch.Tensor]:
+    """`model.prefix` of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
+    once for every model fine-tuned from the same frozen prefix (`views(prefixes=...)`)."""
+    crops = to_tensor(images)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for level in levels:
+                degraded = downsample(crops, level)
+                out.append(torch.cat([model.prefix(degraded[i:i + batch_size]).to(torch.float16)
+                                      for i in range(0, len(degraded), batch_size)]))
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

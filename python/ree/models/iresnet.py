@@ -9,7 +9,7 @@ head (models/heads.py) turns it into the embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -116,7 +116,18 @@ class IResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.last_stage(self.prefix(images))
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the input of the last stage (what trainable="last-stage" keeps frozen)."""
         size = self.config.input_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
             raise ValueError(f"images must have shape [B, 3, {size}, {size}], got {tuple(images.shape)}")
-        return self.stages(self.stem(images))
+        return self.stages[:-1](self.stem(images))
+
+    def last_stage(self, features: torch.Tensor) -> torch.Tensor:
+        """`prefix`'s output -> the last feature map."""
+        return self.stages[-1](features)
+
+    def prefix_modules(self) -> List[nn.Module]:
+        return [self.stem, *self.stages[:-1]]

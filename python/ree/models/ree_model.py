@@ -17,6 +17,9 @@ ARCHS = (*BACKBONES, "sface")
 (`ree.models.sface`, 112 × 112 input, 1024 × 7 × 7 feature map, 128-d embedding by default)."""
 
 PRM_INPUTS = ("embedding", "normalized")
+TRAINABLE = ("all", "last-stage")
+"""What a run trains of the backbone: all of it, or only its last stage (with the embedding
+layer, the PRM, the PAM and the prototypes), the rest frozen in eval mode."""
 """What the PRM reads: the embedding v, or v̂ = v / ‖v‖ (no access to the feature norm)."""
 
 
@@ -28,7 +31,8 @@ class ModelConfig:
     whose only size it is); `embedding_size` None means 512, or 128 for "small" (its last stage
     has 128 channels and a 512-d embedding only slows it on a CPU) and "sface" (its own).
     `prm_input` is what the PRM reads: the embedding v ("embedding", docs/spec.md §1.5) or
-    v̂ = v/‖v‖ ("normalized", which hides the feature norm)."""
+    v̂ = v/‖v‖ ("normalized", which hides the feature norm). `trainable`: "last-stage" freezes
+    the backbone before its last stage (`prefix`), BatchNorm statistics included."""
 
     arch: str = "small"
     input_size: Optional[int] = None
@@ -37,6 +41,7 @@ class ModelConfig:
     prm_dropout: float = 0.1
     prm_input: str = "embedding"
     pam_reduction: int = 16
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -54,6 +59,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
         if self.prm_input not in PRM_INPUTS:
             raise ValueError(f"prm_input must be 'embedding' or 'normalized', got {self.prm_input!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if not isinstance(self.pam_reduction, int) or self.pam_reduction <= 0:
             raise ValueError(f"pam_reduction must be a positive int, got {self.pam_reduction!r}")
 
@@ -101,6 +108,16 @@ class REEModel(nn.Module):
             self.head = EmbeddingHead(channels, layout.feature_size, dim, config.dropout)
         self.prm = PRM(dim, config.prm_dropout)
         self.pam = PAM(channels, dim, reduction=config.pam_reduction)
+        if config.trainable == "last-stage":
+            for module in self.backbone.prefix_modules():
+                module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "REEModel":
+        super().train(mode)
+        if self.config.trainable == "last-stage":  # a frozen prefix keeps its BatchNorm statistics
+            for module in self.backbone.prefix_modules():
+                module.eval()
+        return self
 
     @property
     def input_size(self) -> int:
@@ -111,7 +128,18 @@ class REEModel(nn.Module):
         return self.head.fc.out_features
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
-        feature_map = self.backbone(images)
+        return self.forward_from_prefix(self.prefix(images))
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] -> the input of the backbone's last stage (`IResNet.prefix`,
+        `SFaceBackbone.prefix`); without autograd when that part is frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.trainable == "all"):
+            return self.backbone.prefix(images)
+
+    def forward_from_prefix(self, features: torch.Tensor) -> ModelOutput:
+        """`prefix`'s output -> `ModelOutput`: what a run with a frozen prefix computes from
+        features cached once (`ree.prefix_cache`)."""
+        feature_map = self.backbone.last_stage(features)
         embedding = self.head(feature_map)
         prm_input = embedding if self.config.prm_input == "embedding" else nn.functional.normalize(embedding, dim=1)
         return ModelOutput(embedding, feature_map, self.prm(prm_input), self.pam(feature_map))
@@ -169,7 +197,7 @@ def ers_score(plain: torch.Tensor, ui_center: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: int = 256,
-          serfiq_passes: int = 0, seed: int = 0) -> Inference:
+          serfiq_passes: int = 0, seed: int = 0, prefix: Optional[torch.Tensor] = None) -> Inference:
     """Runs `model` in eval mode over [N, 3, S, S] images in batches. With `flip`, the
     embedding is the sum of the image's and its horizontal mirror's (insightface's flip
     fusion); the quality and the norm come from the image itself. `serfiq_passes` > 0 adds
@@ -177,8 +205,14 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     SERFIQ_DROPOUT), its masks drawn for each image from its pixels and `seed` (`serfiq_keep`):
     every output row depends on its image alone, not on the batch.
 
+    `prefix`: `model.prefix(images)` computed beforehand ([N, C, h, w], any float dtype), e.g.
+    once for several models fine-tuned with the same frozen prefix; the model then runs from it
+    (`forward_from_prefix`), and `images` only seed SER-FIQ's masks. Flip fusion would need the
+    mirrored images' prefix too, so it is refused with `prefix`.
+
     Raises:
-        ValueError: images not [N, 3, H, W], or batch_size / serfiq_passes not positive ints.
+        ValueError: images not [N, 3, H, W], batch_size / serfiq_passes not positive ints, or a
+            `prefix` with another number of rows, or given with flip.
     """
     if images.dim() != 4:
         raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
@@ -186,6 +220,9 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(serfiq_passes, int) or serfiq_passes < 0 or serfiq_passes == 1:
         raise ValueError(f"serfiq_passes must be 0 or an int >= 2, got {serfiq_passes!r}")
+    if prefix is not None and (flip or prefix.shape[0] != images.shape[0]):
+        raise ValueError(f"prefix must hold one row per image ({images.shape[0]}), got {prefix.shape[0]}, "
+                         f"and needs flip=False (got {flip})")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -194,7 +231,10 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     try:
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].to(device)
-            out = model(batch)
+            if prefix is None:
+                out = model(batch)
+            else:
+                out = model.forward_from_prefix(prefix[start:start + batch_size].to(device, torch.float32))
             emb = out.embedding.float()
             parts["plain"].append(emb.cpu())
             if flip:

@@ -53,6 +53,10 @@ BLOCKS: Tuple[Tuple[int, int, int], ...] = (
     (1024, 1024, 1),
 )
 """The depthwise-separable units (in channels, out channels, stride of the depthwise conv)."""
+LAST_STAGE_START = 2 * (len(BLOCKS) - 1)
+"""The index in `SFaceBackbone.layers` of the 1 × 1 convolution to 1024 channels: the layers from
+there on (three convolutions at 7 × 7, 1.6 M weights) are the last stage that
+trainable="last-stage" fine-tunes with the output layer."""
 
 
 def _unit(in_channels: int, out_channels: int, kernel: int, stride: int, groups: int) -> nn.Sequential:
@@ -84,10 +88,22 @@ class SFaceBackbone(nn.Module):
         return INPUT_SIZE
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.last_stage(self.prefix(images))
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the input of the last stage, [B, 512, 7, 7] (through the stride-2 depthwise
+        convolution: what a model fine-tuned with trainable="last-stage" keeps frozen)."""
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"images must have shape [B, 3, {INPUT_SIZE}, {INPUT_SIZE}], got {tuple(images.shape)}")
         # ours: (x − 127.5) / 127.5; SFace's: (x − 127.5) / 128
-        return self.layers(images * (127.5 / PIXEL_STD))
+        return self.layers[:LAST_STAGE_START](images * (127.5 / PIXEL_STD))
+
+    def last_stage(self, features: torch.Tensor) -> torch.Tensor:
+        """`prefix`'s output -> the last feature map [B, 1024, 7, 7]."""
+        return self.layers[LAST_STAGE_START:](features)
+
+    def prefix_modules(self) -> List[nn.Module]:
+        return list(self.layers[:LAST_STAGE_START])
 
 
 # ------------------------------------------------------------------------------- finding the file
