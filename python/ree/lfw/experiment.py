@@ -246,13 +246,15 @@ def run(source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: Budg
         f"{len(data.people.held_out)} evaluation people ({len(data.images)} images)")
     shared = frozen(data, budget, say) if budget.cache_prefix else None
     per_seed, first, replicates = [], None, []
+    cache = shared.train if shared is not None else None
     for seed in seeds:
-        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say,
-                            prefix_cache=shared and shared.train, **dict(v))
+        runs = {name: train(name, data, budget, seed, out / f"seed{seed}" / slug(name), say, prefix_cache=cache,
+                            **dict(v))
                 for name, v in variants.items()}
         if shared is not None:
             runs[OFF_THE_SHELF] = Run(OFF_THE_SHELF, shared.model, "none", None, 0.0)
-        result, curves, reps = evaluate(runs, data, seed, say, prefixes=shared and shared.evaluation)
+        result, curves, reps = evaluate(runs, data, seed, say,
+                                        prefixes=shared.evaluation if shared is not None else None)
         per_seed.append(result)
         replicates.append(reps)
         first = first or curves
