@@ -275,3 +275,45 @@ def test_ree_train_init_takes_the_backbone_from_the_file(r18_file, tmp_path, cap
     for init in ("sface", "face_recognition_sface_2021dec.onnx"):
         with pytest.raises(ValueError, match=f"init '{init}' \\(SFace\\) needs arch 'sface'"):
             TrainConfig(init=init, arch="r18")
+
+
+def test_the_pretrained_suite_end_to_end(sface_path, tmp_path, one_thread):
+    """`ree lfw --suite pretrained` on a small tree in LFW's layout: SFace as it comes and
+    fine-tuned with each method from one shared cache, scored from shared prefix features, and
+    summary.json in the issue's shape under the pretrained names."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from ree.lfw import experiment
+    from ree.lfw.__main__ import run_suite
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "lfw-deepfunneled"
+    people = [f"Person_{k:02d}" for k in range(12)]
+    for k, name in enumerate(people):
+        (folder / name).mkdir(parents=True)
+        for num in range(1, 3 + k % 2):
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((125, 125), Image.Resampling.BICUBIC).save(
+                folder / name / lfw.image_name(name, num))
+    held = people[:6]
+    genuine = [f"{p}\t1\t2" for p in held] * 2
+    impostor = [f"{held[i]}\t1\t{held[(i + 1) % 6]}\t2" for i in range(6)] * 2
+    (tmp_path / "pairsDevTest.txt").write_text("12\n" + "\n".join(genuine + impostor) + "\n")
+    (tmp_path / "pairsDevTrain.txt").write_text(f"1\n{people[6]}\t1\t2\n{people[6]}\t1\t{people[7]}\t1\n")
+    (tmp_path / "pairs.txt").write_text(f"1\t1\n{people[0]}\t1\t2\n{people[0]}\t1\t{people[1]}\t1\n")
+    budget = replace(experiment.PRETRAINED, steps=2, warmup_steps=1, batch_size=8, erc_pairs=20)
+    report = run_suite("pretrained", lfw.open_source(folder), split="test", seeds=[0], budget=budget,
+                       out=tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert "SFace (OpenCV Zoo) at 112×112" in report and "ArcFace, paired interval above 0" in report
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["per_seed"][0]["recognition"]) == {"REE", "ArcFace", "CR-FIQA", "SFace"}
+    assert "REE − SFace" in results["differences"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["verification"]) == {"sface-off-the-shelf", "arcface-ft", "ree-ft", "crfiqa-ft"}
+    levels = summary["verification"]["ree-ft"]
+    assert set(levels["vlr-vlr"]) == {"HR", "24", "16", "12", "8"} and set(levels["hr-vlr"]) == {"24", "16", "12", "8"}
+    assert set(levels["vlr-vlr"]["8"]) == {"acc10", "tar_far_1e-3_ext"}
+    assert {"xi_hat", "cr_fiqa", "ser_fiq", "ers", "norm(sface-off-the-shelf)", "norm(arcface-ft)"} <= set(
+        summary["quality"])
