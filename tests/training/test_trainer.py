@@ -8,6 +8,7 @@ import torch
 
 from ree import checkpoint as ckpt
 from ree.config import TrainConfig
+from ree.data.arrays import fetch_batch
 from ree.logs import LOG_FIELDS, TrainLog
 from ree.train import EpochBatchSampler, Trainer, WarmupSchedule
 from training_support import TinyFaces, config
@@ -134,13 +135,13 @@ def test_baseline_trains_without_uis(tmp_path, faces):
     trainer.fit()
     assert not trainer.criterion.tracker.initialized
     assert torch.equal(before, trainer.model.prm.fc.weight)  # the PRM gets no loss in the baseline
-    images, labels, is_ui = trainer.prepare_batch(*trainer._fetch(list(range(8))))
+    images, labels, is_ui = trainer.prepare_batch(*fetch_batch(trainer.dataset, list(range(8))))
     assert images.shape[0] == 8 and not is_ui.any()
 
 
 def test_ree_batches_append_uis_with_their_labels(tmp_path, faces):
     trainer = Trainer(config(tmp_path, "ui", ui_fraction=0.5), dataset=faces)
-    raw, labels = trainer._fetch(list(range(8)))
+    raw, labels = fetch_batch(trainer.dataset, list(range(8)))
     images, out_labels, is_ui = trainer.prepare_batch(raw, labels)
     assert images.shape == (12, 3, 32, 32) and is_ui.tolist() == [False] * 8 + [True] * 4
     assert torch.equal(out_labels[8:], out_labels[:4])
@@ -152,7 +153,7 @@ def test_ree_batches_append_uis_with_their_labels(tmp_path, faces):
 
 
 def test_vlr_copies_and_ui_resolutions_follow_the_config(tmp_path, faces):
-    raw, labels = Trainer(config(tmp_path, "x"), dataset=faces)._fetch(list(range(8)))
+    raw, labels = fetch_batch(faces, list(range(8)))
     detail = lambda x: float((x[..., 1:] - x[..., :-1]).abs().mean())  # noqa: E731
     plain = Trainer(config(tmp_path, "hr", ui_fraction=0.5), dataset=faces).prepare_batch(raw, labels)[0]
     vlr_trainer = Trainer(config(tmp_path, "vlr", ui_fraction=0.5, min_resolution=4), dataset=faces)
@@ -165,7 +166,7 @@ def test_vlr_copies_and_ui_resolutions_follow_the_config(tmp_path, faces):
 
 def test_training_reduces_the_classification_loss(tmp_path, faces):
     trainer = Trainer(config(tmp_path, "learn", steps=40, log_every=40, lr=0.05), dataset=faces)
-    images, labels = trainer._fetch(list(range(len(faces))))
+    images, labels = fetch_batch(trainer.dataset, list(range(len(faces))))
 
     def loss():
         trainer.model.eval()
