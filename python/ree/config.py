@@ -288,7 +288,10 @@ class TrainConfig:
 
     def check_world_size(self, world: int) -> None:
         """ConfigError (a ValueError) unless `world` processes can share the global batch evenly
-        (the same rows and UIs on each, so that DDP's average of their aux losses is the global mean)."""
+        (the same rows and UIs on each, so that DDP's average of their aux losses is the global mean),
+        and unless a run with cache_prefix has one process (the cache is one process's memory)."""
+        if self.cache_prefix and world > 1:
+            raise ConfigError(f"cache_prefix trains in one process, not {world}: run it without --nproc")
         if self.batch_size % world or self.uis_per_batch % world:
             raise ConfigError(
                 f"batch_size={self.batch_size} (the global batch) and its {self.uis_per_batch} UIs "

@@ -71,8 +71,6 @@ class Trainer:
         self.config = config
         self.ranks = Ranks.current()
         config.check_world_size(self.ranks.world)
-        if config.cache_prefix and self.ranks.world > 1:
-            raise ValueError("cache_prefix trains in one process: run it without --nproc")
         self.device = resolve_device(config.device)
         check_backend(config.backend, self.device)
         self.amp_dtype = autocast_dtype(config.amp, self.device)

@@ -84,6 +84,8 @@ def test_a_cache_needs_a_frozen_prefix_and_runs_need_their_uis(tmp_path, faces):
         frozen_config(tmp_path, imprint=True)
     with pytest.raises(ConfigError, match="trainable must be one of"):
         config(tmp_path, trainable="last")
+    with pytest.raises(ConfigError, match="cache_prefix trains in one process, not 2"):
+        frozen_config(tmp_path, cache_prefix=True).check_world_size(2)
     no_uis = build_prefix_cache(REEModel(ModelConfig(trainable="last-stage")), faces, seed=0, min_resolution=0,
                                 uis=False, ui_min_resolution=2, ui_max_resolution=3)
     trainer = Trainer(frozen_config(tmp_path, cache_prefix=True), dataset=faces, prefix_cache=no_uis)
