@@ -18,7 +18,7 @@ import torch
 
 from .data.arrays import fetch_batch
 from .data.degrade import downsample, draw_uis, synthesize_uis
-from .models.ree_model import REEModel
+from .models.ree_model import REEModel, evaluating
 
 CACHE_DTYPE = torch.float16
 """How the features are stored: half the memory of float32 (SFace: 50 KB an image), and the
@@ -86,28 +86,23 @@ def build_prefix_cache(model: REEModel, dataset: Any, *, seed: int, min_resoluti
     ui_draws = draw_uis(n, 3, generator, max_res=ui_max_resolution) if uis else None
     device = next(model.parameters()).device
     features, ui_features, labels = [], [], []
-    was_training = model.training
-    model.eval()
     chunks = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="caching the frozen prefix", unit="batch", leave=False, disable=None)
-    try:
-        with torch.no_grad():
-            for start in chunks:
-                rows = slice(start, min(start + batch_size, n))
-                images, chunk_labels = fetch_batch(dataset, range(rows.start, rows.stop))
-                images = torch.where(flips[rows, None, None, None], images.flip(3), images)
-                images = downsample(images, sides[rows])
-                features.append(model.prefix(images.to(device)).to("cpu", CACHE_DTYPE))
-                if ui_draws is not None:
-                    made = synthesize_uis(images, draws=ui_draws.rows(rows), min_res=ui_min_resolution,
-                                          max_res=ui_max_resolution)
-                    ui_features.append(model.prefix(made.to(device)).to("cpu", CACHE_DTYPE))
-                labels.append(chunk_labels)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in chunks:
+            rows = slice(start, min(start + batch_size, n))
+            images, chunk_labels = fetch_batch(dataset, range(rows.start, rows.stop))
+            images = torch.where(flips[rows, None, None, None], images.flip(3), images)
+            images = downsample(images, sides[rows])
+            features.append(model.prefix(images.to(device)).to("cpu", CACHE_DTYPE))
+            if ui_draws is not None:
+                made = synthesize_uis(images, draws=ui_draws.rows(rows), min_res=ui_min_resolution,
+                                      max_res=ui_max_resolution)
+                ui_features.append(model.prefix(made.to(device)).to("cpu", CACHE_DTYPE))
+            labels.append(chunk_labels)
     return PrefixCache(torch.cat(features), torch.cat(labels), torch.cat(ui_features) if uis else None)
 
 
@@ -121,18 +116,13 @@ def imprinted_prototypes(model: REEModel, cache: PrefixCache, num_classes: int, 
     Raises:
         ValueError: a class in 0..num_classes-1 without a cached image.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     sums = torch.zeros(num_classes, model.embedding_size)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(cache), batch_size):
-                rows = cache.features[start:start + batch_size].to(device, torch.float32)
-                v = torch.nn.functional.normalize(model.forward_from_prefix(rows).embedding.float().cpu(), dim=1)
-                sums.index_add_(0, cache.labels[start:start + batch_size], v)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(cache), batch_size):
+            rows = cache.features[start:start + batch_size].to(device, torch.float32)
+            v = torch.nn.functional.normalize(model.forward_from_prefix(rows).embedding.float().cpu(), dim=1)
+            sums.index_add_(0, cache.labels[start:start + batch_size], v)
     empty = torch.nonzero(sums.norm(dim=1) == 0).flatten()
     if empty.numel():
         raise ValueError(f"class {int(empty[0])} has no cached image to imprint its prototype from")

@@ -28,7 +28,8 @@ from ..data.arrays import to_tensor
 from ..data.degrade import downsample
 from ..evaluation import bootstrap as bs
 from ..evaluation.pipeline import FARS, RANKS, EvalProtocol, quality_ercs, spearman, ui_center_from_images
-from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score
+from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score, evaluating
+from ..prefix_cache import CACHE_DTYPE
 from .protocol import EvalSet
 
 FOLDS = 10
@@ -83,17 +84,12 @@ def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], b
     """`model.prefix` of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
     once for every model fine-tuned from the same frozen prefix (`views(prefixes=...)`)."""
     crops = to_tensor(images)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for level in levels:
-                degraded = downsample(crops, level)
-                out.append(torch.cat([model.prefix(degraded[i:i + batch_size]).to(torch.float16)
-                                      for i in range(0, len(degraded), batch_size)]))
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for level in levels:
+            degraded = downsample(crops, level)
+            out.append(torch.cat([model.prefix(degraded[i:i + batch_size]).to(CACHE_DTYPE)
+                                  for i in range(0, len(degraded), batch_size)]))
     return out
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -145,6 +146,18 @@ class REEModel(nn.Module):
         return ModelOutput(embedding, feature_map, self.prm(prm_input), self.pam(feature_map))
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode and autograd off for the block; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 SERFIQ_DROPOUT = 0.5
 """The dropout rate of SER-FIQ's passes for a model trained without dropout (else its own rate)."""
 SERFIQ_PASSES = 10
@@ -195,7 +208,6 @@ def ers_score(plain: torch.Tensor, ui_center: torch.Tensor) -> torch.Tensor:
     return 1.0 - nn.functional.normalize(plain.float(), dim=-1) @ u
 
 
-@torch.no_grad()
 def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: int = 256,
           serfiq_passes: int = 0, seed: int = 0, prefix: Optional[torch.Tensor] = None) -> Inference:
     """Runs `model` in eval mode over [N, 3, S, S] images in batches. With `flip`, the
@@ -223,12 +235,10 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
     if prefix is not None and (flip or prefix.shape[0] != images.shape[0]):
         raise ValueError(f"prefix must hold one row per image ({images.shape[0]}), got {prefix.shape[0]}, "
                          f"and needs flip=False (got {flip})")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     dropout = model.head.dropout.p or SERFIQ_DROPOUT
     parts: Dict[str, list] = {"embeddings": [], "plain": [], "quality": [], "serfiq": []}
-    try:
+    with evaluating(model):
         for start in range(0, images.shape[0], batch_size):
             batch = images[start:start + batch_size].to(device)
             if prefix is None:
@@ -246,8 +256,6 @@ def embed(model: REEModel, images: torch.Tensor, flip: bool = True, batch_size: 
                                    seed).to(device)
                 passes = [model.head(out.feature_map, keep[k], dropout) for k in range(serfiq_passes)]
                 parts["serfiq"].append(serfiq_score(torch.stack(passes).cpu()))
-    finally:
-        model.train(was_training)
     if not parts["embeddings"]:
         empty = torch.empty(0, model.embedding_size)
         return Inference(empty, torch.empty(0), torch.empty(0), empty, torch.empty(0) if serfiq_passes else None)
