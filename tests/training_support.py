@@ -2,6 +2,7 @@
 of tests/kernels/test_sampling.py): a tiny in-memory face set, the configuration of a short run,
 and the real inputs (LFW) that skip a test outside CI and fail it in CI when they are missing."""
 import os
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -23,6 +24,30 @@ class TinyFaces:
 
     def __len__(self):
         return len(self.labels)
+
+
+def tiny_lfw(root: Path, images: int = 2) -> Path:
+    """A small tree in LFW's distribution layout under `root` (twelve people of noise faces, with
+    `images` or `images` + 1 images each, 125 px; DevTest pairs among the first six) -> its
+    image folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / "lfw-deepfunneled"
+    people = [f"Person_{k:02d}" for k in range(12)]
+    for k, name in enumerate(people):
+        (folder / name).mkdir(parents=True)
+        for num in range(1, images + 1 + k % 2):
+            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((125, 125), Image.Resampling.BICUBIC).save(
+                folder / name / lfw.image_name(name, num))
+    held = people[:6]
+    genuine = [f"{p}\t1\t2" for p in held] * 2
+    impostor = [f"{held[i]}\t1\t{held[(i + 1) % 6]}\t2" for i in range(6)] * 2
+    (root / "pairsDevTest.txt").write_text("12\n" + "\n".join(genuine + impostor) + "\n")
+    (root / "pairsDevTrain.txt").write_text(f"1\n{people[6]}\t1\t2\n{people[6]}\t1\t{people[7]}\t1\n")
+    (root / "pairs.txt").write_text(f"1\t1\n{people[0]}\t1\t2\n{people[0]}\t1\t{people[1]}\t1\n")
+    return folder
 
 
 def config(tmp_path, name="run", **kwargs):

@@ -127,13 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
-    demo = sub.add_parser("demo", help="the main job: LFW-VLR with REE, ArcFace and CR-FIQA (one seed) when LFW is "
-                          "found, else the synthetic demo; writes a report", parents=[debug])
+    demo = sub.add_parser("demo", help="the main job: LFW-VLR (one seed) when LFW is found, SFace fine-tuned with REE "
+                          "and ArcFace when SFace is found too, else REE, ArcFace and CR-FIQA from scratch; without "
+                          "LFW the synthetic demo; writes a report", parents=[debug])
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="the report's folder")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes less, numbers meaningless)")
     demo.add_argument("--lfw", type=Path, default=None, help="LFW folder or .tgz (default: $REE_LFW_DIR, then "
                       "scikit-learn's cache)")
     demo.add_argument("--synthetic", action="store_true", help="the synthetic demo even where LFW is found")
+    demo.add_argument("--from-scratch", action="store_true",
+                      help="the small model trained from scratch on LFW even where SFace is found")
     # Its options are `python -m ree.lfw`'s, passed on unparsed (main() collects them).
     lfw = sub.add_parser("lfw", help="the LFW-VLR benchmark: main table over seeds, or the ablations (docs/lfw.md); "
                          "`ree lfw --help` lists its options", add_help=False)
@@ -330,7 +333,7 @@ def _command_export(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, quick=args.quick, lfw=args.lfw, synthetic=args.synthetic)
+    run_demo(args.output, quick=args.quick, lfw=args.lfw, synthetic=args.synthetic, from_scratch=args.from_scratch)
     return 0
 
 

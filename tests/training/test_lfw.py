@@ -214,15 +214,16 @@ def test_real_splits_are_identity_disjoint(real):
     assert not set(evalset.rows) & set(np.flatnonzero(np.isin(crops.people, test.train)))
 
 
-def test_the_lfw_demo_end_to_end(real, tmp_path, one_thread):
-    """`ree demo` with LFW at its smoke-test size: REE, ArcFace and CR-FIQA trained, every table
-    and plot of the report written, every goal computed from the numbers."""
+def test_the_from_scratch_lfw_demo_end_to_end(real, tmp_path, one_thread):
+    """`ree demo --from-scratch` with LFW at its smoke-test size: REE, ArcFace and CR-FIQA
+    trained, every table and plot of the report written, every goal computed from the numbers."""
     import json
 
     from ree.demo import run_demo
 
     source, _ = real
-    report = run_demo(tmp_path / "demo", quick=True, lfw=source.images)
+    report = run_demo(tmp_path / "demo", quick=True, lfw=source.images, from_scratch=True)
+    assert "the same small iResNet at 32×32" in report
     for section in ("TAR@FAR=1e-2", "10-fold accuracy", "CMC against the HR gallery", "ERC AUC", "Goals"):
         assert section in report
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

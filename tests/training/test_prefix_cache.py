@@ -3,12 +3,13 @@ features of the drawn training copies, imprinted prototypes are class means, a c
 resumes exactly, and models scored from shared prefix features equal models scored from images."""
 import pytest
 import torch
+from torch import nn
 
 from ree.config import ConfigError
 from ree.data.degrade import downsample
 from ree.models import sface
 from ree.models.ree_model import ModelConfig, REEModel, embed
-from ree.prefix_cache import CACHE_DTYPE, build_prefix_cache, imprinted_prototypes
+from ree.prefix_cache import CACHE_DTYPE, build_prefix_cache, imprinted_prototypes, inference_prefix
 from ree.train import Trainer
 from training_support import TinyFaces, config
 
@@ -43,6 +44,26 @@ def test_only_the_last_stage_and_the_heads_learn(tmp_path, faces, cached):
     everything = Trainer(config(tmp_path, "all"), dataset=faces)
     everything.fit()
     assert set(frozen) & changed(before, everything.model.state_dict())  # the test can fail
+
+
+@pytest.mark.parametrize("arch,size", [("small", 32), ("sface", sface.INPUT_SIZE)])
+def test_the_inference_prefix_is_the_prefix_with_its_batch_norms_folded(arch, size):
+    torch.manual_seed(0)
+    model = REEModel(ModelConfig(arch=arch, input_size=size, trainable="last-stage")).eval()
+    for norm in (m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)):
+        # statistics far from the identity, so that a wrong fold shows
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = model.prefix(images)
+    got = inference_prefix(model)(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert got.is_contiguous() and not got.requires_grad
+    assert before.keys() == model.state_dict().keys() and not changed(before, model.state_dict())
 
 
 def test_the_cache_holds_the_prefix_of_each_drawn_copy(faces):

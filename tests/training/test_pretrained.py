@@ -17,7 +17,7 @@ from ree.models import arcface_torch as at
 from ree.models.iresnet import BACKBONES
 from ree.pretrained import PretrainedError, load_pretrained, model_fields
 from ree.train import Trainer
-from training_support import TinyFaces, real_lfw, required
+from training_support import TinyFaces, real_lfw, required, tiny_lfw
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -283,26 +283,10 @@ def test_the_pretrained_suite_end_to_end(sface_path, tmp_path, one_thread):
     summary.json in the issue's shape under the pretrained names."""
     from dataclasses import replace
 
-    from PIL import Image
-
     from ree.lfw import experiment
     from ree.lfw.__main__ import run_suite
 
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "lfw-deepfunneled"
-    people = [f"Person_{k:02d}" for k in range(12)]
-    for k, name in enumerate(people):
-        (folder / name).mkdir(parents=True)
-        for num in range(1, 3 + k % 2):
-            small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((125, 125), Image.Resampling.BICUBIC).save(
-                folder / name / lfw.image_name(name, num))
-    held = people[:6]
-    genuine = [f"{p}\t1\t2" for p in held] * 2
-    impostor = [f"{held[i]}\t1\t{held[(i + 1) % 6]}\t2" for i in range(6)] * 2
-    (tmp_path / "pairsDevTest.txt").write_text("12\n" + "\n".join(genuine + impostor) + "\n")
-    (tmp_path / "pairsDevTrain.txt").write_text(f"1\n{people[6]}\t1\t2\n{people[6]}\t1\t{people[7]}\t1\n")
-    (tmp_path / "pairs.txt").write_text(f"1\t1\n{people[0]}\t1\t2\n{people[0]}\t1\t{people[1]}\t1\n")
+    folder = tiny_lfw(tmp_path)
     budget = replace(experiment.PRETRAINED, steps=2, warmup_steps=1, batch_size=8, erc_pairs=20)
     report = run_suite("pretrained", lfw.open_source(folder), split="test", seeds=[0], budget=budget,
                        out=tmp_path / "out", cache_dir=tmp_path / "cache")
@@ -317,3 +301,28 @@ def test_the_pretrained_suite_end_to_end(sface_path, tmp_path, one_thread):
     assert set(levels["vlr-vlr"]["8"]) == {"acc10", "tar_far_1e-3_ext"}
     assert {"xi_hat", "cr_fiqa", "ser_fiq", "ers", "norm(sface-off-the-shelf)", "norm(arcface-ft)"} <= set(
         summary["quality"])
+
+
+def test_the_demo_takes_the_pretrained_path_where_sface_is_found(sface_path, tmp_path, one_thread, capsys):
+    """`ree demo` with LFW and SFace found: SFace as it comes and fine-tuned with REE and ArcFace
+    (`PRETRAINED_DEMO`'s people and variants), and the README's next step, `ree quality` on the
+    REE checkpoint it wrote, scores crops of any size."""
+    from PIL import Image
+
+    from ree.demo import run_demo
+    from ree.demo.lfw import PRETRAINED_DEMO
+
+    folder = tiny_lfw(tmp_path, images=PRETRAINED_DEMO.min_images)
+    report = run_demo(tmp_path / "demo", quick=True, lfw=folder)
+    assert "SFace (OpenCV Zoo) at 112×112" in report and "ArcFace, paired interval above 0" in report
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["per_seed"][0]["recognition"]) == {"REE", "ArcFace", "SFace"}
+    assert results["budget"]["init"] == "sface" and results["train_people"] == 6  # the six not in DevTest
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for side in (8, 24, 112):
+        Image.fromarray(np.full((side, side, 3), side, np.uint8)).save(crops / f"c{side}.png")
+    checkpoint = tmp_path / "demo" / "runs" / "seed0" / "ree" / "last.pt"
+    assert main(["quality", "--checkpoint", str(checkpoint), "--images", str(crops), "--output",
+                 str(tmp_path / "scores.csv")]) == 0, capsys.readouterr().err
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 4

@@ -17,6 +17,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lfw", type=Path, default=None, help="LFW folder or .tgz (default: $REE_LFW_DIR, "
                         "then scikit-learn's cache)")
     parser.add_argument("--synthetic", action="store_true", help="the synthetic demo even where LFW is found")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="the small model trained from scratch on LFW even where SFace is found")
     parser.add_argument("--tune", action="store_true", help="the synthetic validation tuning grid instead of the demo")
     args = parser.parse_args(argv)
     if args.tune:
@@ -24,7 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run_tuning(args.output or Path("runs/tune"))
     else:
-        run_demo(args.output or Path("runs/demo"), quick=args.quick, lfw=args.lfw, synthetic=args.synthetic)
+        run_demo(args.output or Path("runs/demo"), quick=args.quick, lfw=args.lfw, synthetic=args.synthetic,
+                 from_scratch=args.from_scratch)
     return 0
 
 

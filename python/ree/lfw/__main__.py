@@ -115,14 +115,16 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
     if "extended" in summary:
         pretrained = experiment.OFF_THE_SHELF in names
         report.write_summary(out / "summary.json", summary["per_seed"],
-                             methods=experiment.PRETRAINED_NAMES if pretrained else None)
+                             methods={k: v for k, v in experiment.PRETRAINED_NAMES.items() if k in names}
+                             if pretrained else None)
     return doc.render()
 
 
 def run_suite(suite: str, source: lfw.LfwSource, *, split: str, seeds: Sequence[int], budget: experiment.Budget,
               out: Path, cache_dir: Optional[Path] = None, variants: Optional[Sequence[str]] = None) -> str:
     start = time.perf_counter()
-    chosen = {name: ABLATIONS[name] for name in (variants or ABLATIONS)} if suite == "ablation" else None
+    names = variants or (ABLATIONS if suite == "ablation" else None)
+    chosen = {name: ABLATIONS[name] for name in names} if names else None
     if split == "view2":  # one run per fold, reported like seeds
         parts = [experiment.run(source, split=fold, seeds=seeds[:1], budget=budget, out=out / "runs" / fold,
                                 variants=chosen, cache_dir=cache_dir, say=say) for fold in lfw_splits.VIEW2_FOLDS]
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the pretrained suite's is SFace's, 112)")
     parser.add_argument("--min-images", type=int, default=experiment.Budget.min_images,
                         help="images a training person needs")
-    parser.add_argument("--variants", nargs="+", default=None, help="ablation suite: only these variants")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only these variants (names of the ablation suite; default: every one of the suite)")
     parser.add_argument("--output", type=Path, default=None, help="default runs/lfw-<suite>-<split>")
     return parser
 

@@ -28,8 +28,8 @@ from ..data.arrays import to_tensor
 from ..data.degrade import downsample
 from ..evaluation import bootstrap as bs
 from ..evaluation.pipeline import FARS, RANKS, EvalProtocol, quality_ercs, spearman, ui_center_from_images
-from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score, evaluating
-from ..prefix_cache import CACHE_DTYPE
+from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score
+from ..prefix_cache import CACHE_DTYPE, inference_prefix
 from .protocol import EvalSet
 
 FOLDS = 10
@@ -81,15 +81,15 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
 
 def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], batch_size: int = 256
                    ) -> List[torch.Tensor]:
-    """`model.prefix` of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
+    """`model.prefix` (as `inference_prefix`) of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
     once for every model fine-tuned from the same frozen prefix (`views(prefixes=...)`)."""
     crops = to_tensor(images)
+    prefix = inference_prefix(model)
     out = []
-    with evaluating(model):
-        for level in levels:
-            degraded = downsample(crops, level)
-            out.append(torch.cat([model.prefix(degraded[i:i + batch_size]).to(CACHE_DTYPE)
-                                  for i in range(0, len(degraded), batch_size)]))
+    for level in levels:
+        degraded = downsample(crops, level)
+        out.append(torch.cat([prefix(degraded[i:i + batch_size]).to(CACHE_DTYPE)
+                              for i in range(0, len(degraded), batch_size)]))
     return out
 
 
