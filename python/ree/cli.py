@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
 
     demo = sub.add_parser("demo", help="the main job: LFW-VLR (one seed) when LFW is found, SFace fine-tuned with REE "
-                          "and ArcFace when SFace is found too, else REE, ArcFace and CR-FIQA from scratch; without "
+                          "when SFace is found too, else REE, ArcFace and CR-FIQA from scratch; without "
                           "LFW the synthetic demo; writes a report", parents=[debug])
     demo.add_argument("--output", type=Path, default=Path("runs/demo"), help="the report's folder")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke-test run (minutes less, numbers meaningless)")

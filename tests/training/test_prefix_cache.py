@@ -8,8 +8,8 @@ from torch import nn
 from ree.config import ConfigError
 from ree.data.degrade import downsample
 from ree.models import sface
-from ree.models.ree_model import ModelConfig, REEModel, embed
-from ree.prefix_cache import CACHE_DTYPE, build_prefix_cache, imprinted_prototypes, inference_prefix
+from ree.models.ree_model import ModelConfig, REEModel, embed, inference_copy
+from ree.prefix_cache import CACHE_DTYPE, build_prefix_cache, imprinted_prototypes
 from ree.train import Trainer
 from training_support import TinyFaces, config
 
@@ -47,7 +47,7 @@ def test_only_the_last_stage_and_the_heads_learn(tmp_path, faces, cached):
 
 
 @pytest.mark.parametrize("arch,size", [("small", 32), ("sface", sface.INPUT_SIZE)])
-def test_the_inference_prefix_is_the_prefix_with_its_batch_norms_folded(arch, size):
+def test_the_inference_copy_is_the_model_with_its_batch_norms_folded(arch, size):
     torch.manual_seed(0)
     model = REEModel(ModelConfig(arch=arch, input_size=size, trainable="last-stage")).eval()
     for norm in (m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)):
@@ -58,11 +58,13 @@ def test_the_inference_prefix_is_the_prefix_with_its_batch_norms_folded(arch, si
         norm.bias.data.uniform_(-0.5, 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randn(3, 3, size, size)
+    fast = inference_copy(model)
     with torch.no_grad():
-        expected = model.prefix(images)
-    got = inference_prefix(model)(images)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    assert got.is_contiguous() and not got.requires_grad
+        for run in (lambda m: m.prefix(images), lambda m: m(images).embedding,
+                    lambda m: m.forward_from_prefix(model.prefix(images)).feature_map):
+            expected, got = run(model), run(fast)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
     assert before.keys() == model.state_dict().keys() and not changed(before, model.state_dict())
 
 

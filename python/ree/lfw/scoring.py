@@ -28,8 +28,8 @@ from ..data.arrays import to_tensor
 from ..data.degrade import downsample
 from ..evaluation import bootstrap as bs
 from ..evaluation.pipeline import FARS, RANKS, EvalProtocol, quality_ercs, spearman, ui_center_from_images
-from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score
-from ..prefix_cache import CACHE_DTYPE, inference_prefix
+from ..models.ree_model import SERFIQ_PASSES, REEModel, embed, ers_score, inference_copy
+from ..prefix_cache import CACHE_DTYPE, PREFIX_BATCH
 from .protocol import EvalSet
 
 FOLDS = 10
@@ -55,7 +55,8 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
     with `embed` (flip fusion, SER-FIQ passes). ū: the model's UI centre, or None to take it from
     UIs synthesised out of these images (`ui_center_from_images`). `progress`: the label of a
     progress bar over the levels (shown on a terminal only). `prefixes`: `level_prefixes` of a
-    frozen prefix the model shares with others; the model runs from them, without flip fusion."""
+    frozen prefix the model shares with others; the model (its `inference_copy`) runs from them,
+    without flip fusion."""
     size = model.input_size
     if images.ndim != 4 or images.shape[1] != size:
         raise ValueError(f"images must be crops at the model input ({size} px), got shape {images.shape}")
@@ -67,6 +68,8 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=progress, unit="resolution", leave=False, disable=None)
+    if prefixes is not None:
+        model = inference_copy(model)
     results = [embed(model, downsample(crops, level), flip=prefixes is None, batch_size=batch_size,
                      serfiq_passes=SERFIQ_PASSES, seed=seed, prefix=None if prefixes is None else prefixes[k])
                for k, level in steps]
@@ -79,16 +82,16 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
                  as_np(ers))
 
 
-def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], batch_size: int = 256
+def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], batch_size: int = PREFIX_BATCH
                    ) -> List[torch.Tensor]:
-    """`model.prefix` (as `inference_prefix`) of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
+    """`model.prefix` (of its `inference_copy`) of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
     once for every model fine-tuned from the same frozen prefix (`views(prefixes=...)`)."""
     crops = to_tensor(images)
-    prefix = inference_prefix(model)
+    fast = inference_copy(model)
     out = []
     for level in levels:
         degraded = downsample(crops, level)
-        out.append(torch.cat([prefix(degraded[i:i + batch_size]).to(CACHE_DTYPE)
+        out.append(torch.cat([fast.prefix(degraded[i:i + batch_size]).to(CACHE_DTYPE).contiguous()
                               for i in range(0, len(degraded), batch_size)]))
     return out
 

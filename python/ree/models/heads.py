@@ -22,13 +22,16 @@ class EmbeddingHead(nn.Module):
         nn.init.ones_(self.features.weight)
         self.features.weight.requires_grad_(False)
 
-    def forward(self, feature_map: torch.Tensor, keep: torch.Tensor | None = None,
-                dropout: float = 0.0) -> torch.Tensor:
-        """`keep` set: [B, C, h, w] bool, the units a dropout at rate `dropout` keeps, applied
-        even in eval mode (SER-FIQ's stochastic passes, each image's mask drawn by the caller)."""
-        x = self.norm(feature_map)
-        x = self.dropout(x) if keep is None else x * keep / (1.0 - dropout)
-        return self.features(self.fc(torch.flatten(x, 1)))
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return self.features(self.fc(torch.flatten(self.dropout(self.norm(feature_map)), 1)))
+
+    def dropout_passes(self, feature_map: torch.Tensor, keep: torch.Tensor, dropout: float) -> torch.Tensor:
+        """SER-FIQ's stochastic passes: `keep` [P, B, C, h, w] bool, the units that a dropout at
+        rate `dropout` keeps in each pass, applied even in eval mode (each image's masks drawn by
+        the caller) -> embeddings [P, B, D]."""
+        # one layout for the map and the masks: a channels-last map would be reordered every pass
+        x = torch.flatten(self.norm(feature_map).contiguous() / (1.0 - dropout), 1)
+        return torch.stack([self.features(self.fc(x * torch.flatten(kept, 1))) for kept in keep])
 
 
 class PRM(nn.Module):
