@@ -84,8 +84,9 @@ def views(model: REEModel, images: np.ndarray, levels: Sequence[int], ui_center:
 
 def level_prefixes(model: REEModel, images: np.ndarray, levels: Sequence[int], batch_size: int = PREFIX_BATCH
                    ) -> List[torch.Tensor]:
-    """`model.prefix` (of its `inference_copy`) of uint8 crops [N, S, S, 3] at every level, float16 on the CPU: computed
-    once for every model fine-tuned from the same frozen prefix (`views(prefixes=...)`)."""
+    """`model.prefix` (of its `inference_copy`) of uint8 crops [N, S, S, 3] at every level,
+    float16 on the CPU: computed once for every model fine-tuned from the same frozen prefix
+    (`views(prefixes=...)`)."""
     crops = to_tensor(images)
     fast = inference_copy(model)
     out = []
